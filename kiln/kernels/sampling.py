@@ -1,0 +1,251 @@
+"""Token sampling inside the compiled step: pure jnp, one row of parameters per sequence.
+
+Order of operations per row (vLLM v1's sampler):
+
+    raw logits ──> logprobs (log_softmax of the raw logits: sampled token + top-K)
+        │
+        ├─ logit bias, min_tokens (stop/eos ids -> -inf while active)
+        ├─ penalties: repetition (prompt + output), frequency and presence (output)   [lax.cond: any row]
+        ├─ greedy rows: argmax
+        └─ other rows: / temperature, min_p [lax.cond], top-k + top-p [lax.cond, sort], gumbel-max with the key
+           fold_in(key(seed), step), so a row's draw does not depend on the rest of the batch.
+
+`build_sampling_tensors` is the host side: it turns the batch's `SamplingParams` into padded numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    from kiln.engine.sampling_params import SamplingParams
+
+MAX_LOGIT_BIAS = 32
+"""Most logit_bias entries one request may carry (the width of SamplingTensors.bias_ids)."""
+
+MAX_STOP_IDS = 16
+"""Most eos + stop_token_ids suppressed while min_tokens is not reached (the width of SamplingTensors.stop_ids)."""
+
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+class SamplingTensors(NamedTuple):
+    """Per-row sampling parameters for one batch (a pytree; numpy on the host, jax arrays in the graph)."""
+
+    temperature: jax.Array  # [B] f32, 0 = greedy
+    top_k: jax.Array  # [B] i32, 0 = off
+    top_p: jax.Array  # [B] f32, 1 = off
+    min_p: jax.Array  # [B] f32, 0 = off
+    presence_penalty: jax.Array  # [B] f32, 0 = off
+    frequency_penalty: jax.Array  # [B] f32, 0 = off
+    repetition_penalty: jax.Array  # [B] f32, 1 = off
+    seeds: jax.Array  # [B] u32 per-request seed
+    steps: jax.Array  # [B] i32 tokens generated so far (folded into the key)
+    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] i32 logit-bias token ids, -1 = unused
+    bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] f32
+    history: jax.Array  # [B, C] i32 prompt then output token ids, -1 padded (only read when penalties are on)
+    prompt_lens: jax.Array  # [B] i32 history[b, :prompt_lens[b]] is the prompt, the rest output
+    min_tokens_active: jax.Array  # [B] bool, True while the row must not emit its stop_ids
+    stop_ids: jax.Array  # [B, MAX_STOP_IDS] i32 eos + stop_token_ids, -1 = unused
+
+
+class SampleOutput(NamedTuple):
+    """What one sampling step returns."""
+
+    tokens: jax.Array  # [B] i32 sampled token ids
+    logprobs: jax.Array  # [B] f32 logprob of the sampled token under the raw logits
+    top_ids: jax.Array  # [B, K] i32 top-K token ids (K = num_logprobs, may be 0)
+    top_logprobs: jax.Array  # [B, K] f32 their logprobs
+
+
+def _scatter_rows(x: jax.Array, ids: jax.Array, values: jax.Array, *, op: str) -> jax.Array:
+    """x[b, ids[b, j]] (op)= values[b, j] for ids >= 0; negative ids are dropped."""
+    batch, vocab = x.shape
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    cols = jnp.where(ids >= 0, ids, vocab)  # [B, N] out of range -> dropped
+    ref = x.at[rows, cols]
+    return ref.add(values, mode="drop") if op == "add" else ref.set(values, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """vLLM penalties: repetition over prompt + output tokens, frequency and presence over output tokens."""
+    hist = t.history  # [B, C] -1 padded, dropped by the scatters
+    is_output = jnp.arange(hist.shape[1])[None, :] >= t.prompt_lens[:, None]  # [B, C]
+    out_counts = _scatter_rows(jnp.zeros_like(logits), hist, is_output.astype(jnp.float32), op="add")  # [B, V]
+    seen = _scatter_rows(jnp.zeros(logits.shape, jnp.bool_), hist, jnp.ones(hist.shape, jnp.bool_), op="set")  # [B, V]
+    rep = t.repetition_penalty[:, None]  # [B, 1]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)  # [B, V]
+    logits = logits - t.frequency_penalty[:, None] * out_counts  # [B, V]
+    return logits - t.presence_penalty[:, None] * (out_counts > 0).astype(jnp.float32)  # [B, V]
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+    keep = probs >= min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)  # [B, V]
+    return jnp.where(keep, logits, -jnp.inf)  # [B, V]
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the top_k most likely tokens, then the smallest nucleus of those whose mass reaches top_p.
+
+    Implemented with one descending sort and a per-row threshold logit (ties at the threshold are kept).
+    """
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    ranks = jnp.arange(vocab)[None, :]  # [1, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]  # [B, 1]
+    in_k = ranks < k  # [B, V]
+    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, -jnp.inf), axis=-1)  # [B, V] renormalised over top-k
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] exclusive cumulative mass
+    keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # [B, V] rank 0 always kept
+    num_keep = jnp.sum(keep, axis=-1, keepdims=True)  # [B, 1]
+    threshold = jnp.take_along_axis(sorted_desc, num_keep - 1, axis=-1)  # [B, 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)  # [B, V]
+
+
+def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel noise for one row from its own key: independent of the batch around it."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)  # [V]
+
+
+def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0) -> SampleOutput:
+    """Sample one token per row of `logits` [B, V] under the per-row parameters `t`.
+
+    `num_logprobs` (static) is how many top logprobs to return per row; 0 skips the top-k entirely.
+    """
+    logits = logits.astype(jnp.float32)  # [B, V]
+    batch, vocab = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+
+    logits = _scatter_rows(logits, t.bias_ids, t.bias_values, op="add")  # [B, V]
+    stop_ids = jnp.where(t.min_tokens_active[:, None], t.stop_ids, -1)  # [B, NS]
+    logits = _scatter_rows(logits, stop_ids, jnp.full(stop_ids.shape, -jnp.inf), op="set")  # [B, V]
+    any_penalty = jnp.any(
+        (t.repetition_penalty != 1.0) | (t.frequency_penalty != 0.0) | (t.presence_penalty != 0.0)
+    )
+    logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)  # [B, V]
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+
+    is_greedy = t.temperature < GREEDY_TEMPERATURE_EPS  # [B]
+    temperature = jnp.where(is_greedy, 1.0, t.temperature)  # [B]
+    scaled = logits / temperature[:, None]  # [B, V]
+    min_p = jnp.where(is_greedy, 0.0, t.min_p)  # [B]
+    scaled = jax.lax.cond(jnp.any(min_p > 0.0), apply_min_p, lambda x, _: x, scaled, min_p)  # [B, V]
+    top_k = jnp.where(is_greedy, 0, t.top_k)  # [B]
+    top_p = jnp.where(is_greedy, 1.0, t.top_p)  # [B]
+    needs_sort = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+    scaled = jax.lax.cond(
+        needs_sort, apply_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p
+    )  # [B, V]
+    gumbel = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(t.seeds, t.steps, vocab)  # [B, V]
+    random_tokens = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)  # [B]
+    tokens = jnp.where(is_greedy, greedy_tokens, random_tokens)  # [B]
+
+    token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+    if num_logprobs > 0:
+        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)  # [B, K], [B, K]
+        top_ids = top_ids.astype(jnp.int32)  # [B, K]
+    else:
+        top_logprobs = jnp.zeros((batch, 0), jnp.float32)  # [B, 0]
+        top_ids = jnp.zeros((batch, 0), jnp.int32)  # [B, 0]
+    return SampleOutput(tokens, token_logprobs, top_ids, top_logprobs)
+
+
+def check_supported(params: SamplingParams, num_eos_ids: int = 1) -> None:
+    """Raise ValueError if a request needs more logit-bias or stop-id slots than the kernel has.
+
+    Call it when a request is admitted, so that `build_sampling_tensors` never fails mid-step.
+    """
+    if params.logit_bias and len(params.logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(params.logit_bias)}.")
+    num_stop = len(params.stop_token_ids or []) + (0 if params.ignore_eos else num_eos_ids)
+    if params.min_tokens > 0 and num_stop > MAX_STOP_IDS:
+        raise ValueError(
+            f"min_tokens with more than {MAX_STOP_IDS} eos + stop_token_ids is not supported, got {num_stop}."
+        )
+
+
+def build_sampling_tensors(
+    params_list: Sequence[SamplingParams | None],
+    histories: Sequence[Sequence[int] | None],
+    prompt_lens: Sequence[int],
+    eos_ids: Sequence[int],
+    steps: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int,
+    history_len: int,
+) -> SamplingTensors:
+    """Pack the batch's parameters into numpy arrays padded to `batch_size` rows.
+
+    Row i uses `params_list[i]` (None: a padding row, greedy with no penalties); `histories[i]` is its prompt
+    then output ids (read only if some row has penalties; the last `history_len` are kept), `steps[i]` the
+    number of tokens it generated so far and `seeds[i]` its seed (the engine draws one when params.seed is None).
+    `eos_ids` are the model's end-of-sequence ids, suppressed with the stop_token_ids while min_tokens is not
+    reached (unless ignore_eos).
+    """
+    n = len(params_list)
+    if n > batch_size:
+        raise ValueError(f"{n} rows do not fit a batch of {batch_size}.")
+    temperature = np.zeros(batch_size, np.float32)
+    top_k = np.zeros(batch_size, np.int32)
+    top_p = np.ones(batch_size, np.float32)
+    min_p = np.zeros(batch_size, np.float32)
+    presence = np.zeros(batch_size, np.float32)
+    frequency = np.zeros(batch_size, np.float32)
+    repetition = np.ones(batch_size, np.float32)
+    seed_arr = np.zeros(batch_size, np.uint32)
+    step_arr = np.zeros(batch_size, np.int32)
+    bias_ids = np.full((batch_size, MAX_LOGIT_BIAS), -1, np.int32)
+    bias_values = np.zeros((batch_size, MAX_LOGIT_BIAS), np.float32)
+    history = np.full((batch_size, history_len), -1, np.int32)
+    prompt_len_arr = np.zeros(batch_size, np.int32)
+    min_tokens_active = np.zeros(batch_size, np.bool_)
+    stop_ids = np.full((batch_size, MAX_STOP_IDS), -1, np.int32)
+
+    for i, p in enumerate(params_list):
+        if p is None:
+            continue
+        check_supported(p, len(eos_ids))
+        temperature[i] = 0.0 if p.greedy else p.temperature
+        top_k[i], top_p[i], min_p[i] = p.top_k, p.top_p, p.min_p
+        seed_arr[i] = seeds[i] & 0xFFFFFFFF
+        step_arr[i] = steps[i]
+        if p.logit_bias:
+            nb = len(p.logit_bias)
+            bias_ids[i, :nb] = list(p.logit_bias.keys())
+            bias_values[i, :nb] = list(p.logit_bias.values())
+        if steps[i] < p.min_tokens:
+            ids = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
+            min_tokens_active[i] = True
+            stop_ids[i, : len(ids)] = ids
+        if p.has_penalties:
+            presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            hist = histories[i] or ()
+            cut = max(len(hist) - history_len, 0)  # keep the most recent history_len tokens
+            history[i, : len(hist) - cut] = hist[cut:]
+            prompt_len_arr[i] = max(prompt_lens[i] - cut, 0)
+
+    return SamplingTensors(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        seeds=seed_arr,
+        steps=step_arr,
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+        history=history,
+        prompt_lens=prompt_len_arr,
+        min_tokens_active=min_tokens_active,
+        stop_ids=stop_ids,
+    )
