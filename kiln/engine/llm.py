@@ -1,0 +1,76 @@
+"""The vLLM-style offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from kiln import config as C
+from kiln.backends.jax.model import params_from_hf
+from kiln.backends.jax.runner import JaxRunner
+from kiln.backends.platform import jax_platform
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+from kiln.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(model: str = C.ModelConfig.model, **kwargs) -> LLMEngine:
+    """Load weights and tokenizer, build the config, the runner and the engine."""
+    loaded = load_model(model, C.models_dir())
+    config = C.EngineConfig.create(loaded.spec, model=model, platform=jax_platform(), **kwargs)
+    params = params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(config.dtype))
+    del loaded.tensors
+    runner = JaxRunner(loaded.spec, params, config)
+    return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)
+
+
+class LLM:
+    """Offline batched generation. Keyword arguments are `EngineConfig.create`'s (dtype, max_model_len, ...)."""
+
+    def __init__(self, model: str = C.ModelConfig.model, **kwargs):
+        self.engine = build_engine(model, **kwargs)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.tokenizer.apply_chat_template(c) for c in convs], sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="Processed prompts", unit="req")
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort(rid)
+        return [done[r] for r in ids]

@@ -1,0 +1,29 @@
+"""What the engine returns: vLLM-shaped RequestOutput / CompletionOutput (cumulative, not deltas)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int                                  # which of the n samples
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None   # per token: {token_id: logprob} (sampled + top-N)
+    finish_reason: str | None = None            # stop | length | abort
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache

@@ -1,0 +1,152 @@
+"""FCFS continuous batching over two graph families: prefill steps and decode steps.
+
+The rule: every request's computed tokens catch up with its tokens. A request with more than one token
+to compute needs prefill (a new prompt, a later chunk of a long one, or a preempted request recomputing);
+one with exactly one needs decode. Each step is one kind. When both kinds have work they alternate, so a
+long prompt is prefilled in chunks between decode steps and running streams keep flowing.
+
+Prefill steps spend a token budget (`max_num_batched_tokens`) counted with padding: rows x longest chunk
+stays within it, so the bucket a step lands in is bounded too. Admission is FCFS while `max_num_seqs` and
+free blocks allow; a prefix-cache hit starts a request past its cached blocks. When a running request
+needs a block and none is free, the newest running request is preempted (blocks freed, recomputed later).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from kiln.cache.kv_manager import KVCacheManager
+from kiln.config import EngineConfig
+from kiln.engine.request import Request, Status
+from kiln.engine.scheduler_output import ScheduledRow, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.kv = KVCacheManager(config.cache.num_blocks, config.cache.block_size,
+                                 enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._last_kind = "decode"
+        self.num_preemptions = 0
+
+    # -- queue ------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish(self, request_id: str, reason: str, stop_reason=None) -> Request | None:
+        """Finish (or abort) a request at any time; frees its blocks at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(request_id)
+        req.status, req.finish_reason, req.stop_reason = Status.FINISHED, reason, stop_reason
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput | None:
+        needs_prefill = bool(self.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
+        needs_decode = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        order = ["prefill", "decode"] if self._last_kind == "decode" or not needs_decode else ["decode", "prefill"]
+        for kind in order:
+            if (kind == "prefill" and needs_prefill) or (kind == "decode" and needs_decode):
+                out = self._schedule_prefill() if kind == "prefill" else self._schedule_decode()
+                if out.rows:
+                    self._last_kind = kind
+                    return out
+        return None
+
+    def _row(self, req: Request, num_new: int) -> ScheduledRow:
+        start = req.num_computed_tokens
+        sp = req.sampling_params
+        penalties = sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
+        return ScheduledRow(
+            request_id=req.request_id, token_ids=req.all_token_ids[start:start + num_new], start_pos=start,
+            block_table=self.kv.block_table(req.request_id), sample=start + num_new == req.num_tokens,
+            sampling_params=sp, seed=req.seed, output_index=len(req.output_token_ids),
+            prompt_len=len(req.prompt_token_ids), history=req.all_token_ids if penalties else [],
+            eos_token_ids=req.eos_token_ids)
+
+    def _schedule_prefill(self) -> SchedulerOutput:
+        budget = self.config.scheduler.max_num_batched_tokens
+        max_chunk = self.config.buckets.prompt_seq[-1]
+        max_rows = self.config.buckets.prompt_bs[-1]
+        rows: list[ScheduledRow] = []
+        longest = 0
+
+        def chunk_for(req: Request) -> int:
+            cap = min(budget // (len(rows) + 1), max_chunk)   # rows x longest chunk stays within budget
+            return 0 if longest > cap else min(req.num_tokens - req.num_computed_tokens, cap)
+
+        for req in [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]:
+            n = chunk_for(req)
+            if len(rows) == max_rows or n == 0:
+                break
+            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                break
+            rows.append(self._row(req, n))
+            longest = max(longest, n)
+        while self.waiting and len(rows) < max_rows and len(self.running) < self.config.scheduler.max_num_seqs:
+            req = self.waiting[0]
+            blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+            req.num_computed_tokens = cached
+            n = chunk_for(req)
+            if n == 0 or not self.kv.allocate_slots(req.request_id, cached + n, blocks):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            rows.append(self._row(req, n))
+            longest = max(longest, n)
+        return SchedulerOutput("prefill", rows)
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        rows: list[ScheduledRow] = []
+        preempted: list[str] = []
+        max_rows = self.config.buckets.decode_bs[-1]
+        for req in list(self.running):
+            if req.status is not Status.RUNNING or req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            if len(rows) == max_rows:
+                break
+            while not self.kv.allocate_slots(req.request_id, req.num_tokens):
+                victim = self.running[-1]
+                preempted.append(victim.request_id)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status is Status.RUNNING:
+                rows.append(self._row(req, 1))
+        rows = [r for r in rows if r.request_id not in preempted]
+        return SchedulerOutput("decode", rows, preempted)
+
+    def _preempt(self, req: Request) -> None:
+        """Free the newest running request's blocks; it goes back to the head of the queue to recompute."""
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status, req.num_computed_tokens = Status.WAITING, 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- results ----------------------------------------------------------------------------------
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """Advance computed counts and register newly full blocks for prefix caching."""
+        for row in out.rows:
+            req = self.requests.get(row.request_id)
+            if req is None or req.status is not Status.RUNNING:
+                continue
+            req.num_computed_tokens = row.start_pos + len(row.token_ids)
+            self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)

@@ -1,0 +1,32 @@
+"""The only contract between the scheduler and a runner: plain data, no device objects."""
+from __future__ import annotations
+
+import dataclasses
+
+from kiln.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class ScheduledRow:
+    request_id: str
+    token_ids: list[int]          # the tokens whose K/V this step computes (a prefill chunk, or 1 for decode)
+    start_pos: int                # position of token_ids[0] = tokens already in the cache for this request
+    block_table: list[int]        # block ids covering positions [0, start_pos + len(token_ids))
+    sample: bool                  # True when the chunk reaches the sequence end: sample the next token
+    sampling_params: SamplingParams
+    seed: int                     # per-request seed; the sampler keys on (seed, output_index)
+    output_index: int             # how many tokens this request has generated so far
+    prompt_len: int               # history[:prompt_len] is prompt, the rest output (penalties)
+    history: list[int]            # prompt + output ids when the request uses penalties, else []
+    eos_token_ids: tuple[int, ...]  # suppressed while min_tokens is not reached
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    kind: str                     # "prefill" (chunks of new tokens over any cached prefix) or "decode"
+    rows: list[ScheduledRow]      # in batch order
+    preempted: list[str] = dataclasses.field(default_factory=list)  # request ids preempted this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
