@@ -79,12 +79,13 @@ class LLMEngine:
         check_supported(params, len(self.spec.eos_token_ids))
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, prompt_text: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises ValueError for bad input."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = prompt_text, [int(t) for t in prompt]
         self.validate(ids, params)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._parents:

@@ -1,0 +1,144 @@
+"""The asyncio face of the engine, for the gRPC server and the batch runner.
+
+    caller (event loop)                           engine thread
+    generate(prompt, params) ── validate ──> inbox ──> add_request
+        ^ async iterator of RequestOutput              step() ── device call ── outputs
+        └──────── per-request asyncio.Queue <── call_soon_threadsafe ──┘
+    cancel / disconnect ──> abort ──> inbox ──> engine.abort (blocks freed at the next loop turn)
+
+One thread owns the LLMEngine and runs steps back to back while there is work; everything else talks to it
+through the inbox, so the scheduler and block pool are never touched from two threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an unexpected error; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], ...]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._stats: dict[str, float] = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    # -- public -----------------------------------------------------------------------------------
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted and not yet finished (waiting or running)."""
+        return len(self._streams)
+
+    def stats(self) -> dict[str, float]:
+        """The engine's counters as of its last step (safe to read from any thread)."""
+        return dict(self._stats)
+
+    def encode(self, prompt: str | list[int] | list[dict[str, str]]) -> tuple[str | None, list[int]]:
+        """Text, token ids or chat messages -> (text, token ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return None, self.tokenizer.apply_chat_template(prompt)
+        return None, [int(t) for t in prompt]
+
+    async def generate(self, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's cumulative outputs as steps produce them; the last one has finished=True.
+
+        Raises ValueError (before the first output) for input the engine cannot serve. Cancelling the
+        iteration (client gone, deadline) aborts the request and frees its blocks.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"engine stopped: {self._error}")
+        params = params or SamplingParams()
+        text, ids = self.encode(prompt)
+        self.engine.validate(ids, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._inbox.put((self._add, rid, text, ids, params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+            self._streams.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put((self._abort, request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put((lambda: None,))
+        self._thread.join(timeout=30)
+
+    # -- engine thread ----------------------------------------------------------------------------
+    def _add(self, rid: str, text: str | None, ids: list[int], params: SamplingParams) -> None:
+        if rid not in self._streams:       # cancelled before it reached the engine
+            return
+        try:
+            self.engine.add_request(ids, params, request_id=rid, prompt_text=text)
+        except ValueError as e:
+            self._deliver(rid, e)
+
+    def _abort(self, rid: str) -> None:
+        out = self.engine.abort(rid)
+        if out is not None:
+            self._deliver(rid, out)
+
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished()
+                try:
+                    while True:
+                        fn, *args = self._inbox.get(block=block, timeout=0.5 if block else None)
+                        fn(*args)
+                        block = False
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                    self._stats = self.engine.stats()
+        except BaseException as e:  # the engine is broken: fail every stream instead of hanging them
+            log.exception("engine thread died")
+            self._error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine stopped: {e}"))
