@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from kiln.compile.buckets import BucketPlan, make_buckets
+from kiln.compile.planner import MemoryPlan, host_free_bytes, plan_memory
 from kiln.models.spec import ModelSpec
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -25,9 +26,17 @@ def models_dir() -> Path:
     return Path(os.environ.get("KILN_MODELS_DIR") or cache_dir() / "models").expanduser()
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else None
+def bucket_range(name: str, given: tuple[int | None, ...] | None, default: tuple[int, int, int]) -> tuple[int, ...]:
+    """(min, step, max) of one bucket dimension: a flag value wins, then KILN_<NAME>_BUCKET_{MIN,STEP,MAX}
+    (or the VLLM_ spelling Gaudi users know), then the default derived from the engine limits."""
+    out = []
+    for i, part in enumerate(("MIN", "STEP", "MAX")):
+        v = given[i] if given else None
+        if v is None:
+            env = os.environ.get(f"KILN_{name}_BUCKET_{part}") or os.environ.get(f"VLLM_{name}_BUCKET_{part}")
+            v = int(env) if env else default[i]
+        out.append(int(v))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +52,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    num_blocks: int = 0                  # derived from kv_cache_gib when 0; block 0 is the null block
+    num_blocks: int = 0                  # derived from kv_cache_gib or the planner when 0; block 0 is the null block
     kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
 
@@ -66,13 +75,55 @@ class SchedulerConfig:
                 raise ValueError(f"{f} must be at least 1, got {getattr(self, f)}")
 
 
+def resolve_dtype(dtype: str, platform: str) -> str:
+    """auto: float32 on CPU (XLA:CPU runs f32 dots faster than bf16), bfloat16 on accelerators."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype if dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+
+
+def xla_flags() -> str:
+    """XLA_FLAGS as the process sees them: they change compiled graphs, so they are in graph-cache keys."""
+    return os.environ.get("XLA_FLAGS", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    warmup: bool = True                  # compile (or load from the graph cache) every planned bucket up front
+    allow_lazy_compile: bool = False     # after warmup, compile a missing bucket (counted) instead of failing
+    graph_cache: bool = True             # keep compiled graphs under $KILN_CACHE_DIR/graphs
+    memory_utilization: float = 0.9      # share of free memory kiln may use (graphs + KV cache)
+    graph_reserved_fraction: float = 0.1 # share of that reserved for compiled graphs when the KV size is auto
+    graph_prompt_ratio: float = 0.3      # share of the graph budget for prefill graphs
+    prefill_strategy: str = "min_tokens" # warmup order of prefill buckets: min_tokens | max_bs
+    decode_strategy: str = "max_bs"      # warmup order of decode buckets: max_bs | min_tokens
+    compile_workers: int = 2             # graphs compiled at once
+
+    def __post_init__(self):
+        from kiln.compile.planner import DECODE_STRATEGIES, PREFILL_STRATEGIES
+        if self.prefill_strategy not in PREFILL_STRATEGIES:
+            raise ValueError(f"prefill_strategy must be one of {PREFILL_STRATEGIES}, got {self.prefill_strategy!r}")
+        if self.decode_strategy not in DECODE_STRATEGIES:
+            raise ValueError(f"decode_strategy must be one of {DECODE_STRATEGIES}, got {self.decode_strategy!r}")
+        for f in ("memory_utilization", "graph_reserved_fraction", "graph_prompt_ratio"):
+            if not 0.0 <= getattr(self, f) <= 1.0:
+                raise ValueError(f"{f} must be in [0, 1], got {getattr(self, f)}")
+
+    @property
+    def graph_cache_dir(self) -> Path:
+        return cache_dir() / "graphs"
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     buckets: BucketPlan
+    compile: CompileConfig
+    memory: MemoryPlan
     dtype: str                           # resolved: float32 or bfloat16
+    platform: str = "cpu"
     seed: int = 0
 
     @property
@@ -84,9 +135,11 @@ class EngineConfig:
                block_size: int = 16, num_blocks: int = 0, kv_cache_gib: float | None = None,
                enable_prefix_caching: bool = True, max_num_seqs: int = 64,
                max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-               seed: int = 0, platform: str = "cpu") -> "EngineConfig":
+               seed: int = 0, platform: str = "cpu", free_bytes: int | None = None,
+               buckets: dict[str, tuple[int, int, int]] | None = None,
+               **compile_kwargs) -> "EngineConfig":
         mc = ModelConfig(model=model, dtype=dtype)
-        resolved = dtype if dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        resolved = resolve_dtype(dtype, platform)
         max_len = max_model_len or min(spec.max_position_embeddings, 2048)
         if max_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
@@ -94,30 +147,43 @@ class EngineConfig:
         sc = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens or max(2048, min(max_len, 8192)),
                              max_model_len=max_len)
+        if compile_kwargs.get("warmup") is None:   # VLLM_SKIP_WARMUP is what Gaudi users know
+            skip = os.environ.get("KILN_SKIP_WARMUP") or os.environ.get("VLLM_SKIP_WARMUP") or ""
+            compile_kwargs["warmup"] = skip.lower() not in ("1", "true", "yes")
+        comp = CompileConfig(**compile_kwargs)
         if kv_cache_gib is None:
             space = os.environ.get("KILN_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-            kv_cache_gib = float(space) if space else 1.0
-        if not num_blocks:
-            itemsize = 4 if resolved == "float32" else 2
-            per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
-            num_blocks = max(2, int(kv_cache_gib * 2**30) // per_block)
-        cc = CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_gib=kv_cache_gib,
-                         enable_prefix_caching=enable_prefix_caching)
+            # CPU: a fixed KV budget, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE; accelerators: split free memory
+            kv_cache_gib = float(space) if space else (1.0 if platform == "cpu" else None)
+        itemsize = 4 if resolved == "float32" else 2
+        per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        if num_blocks:
+            kv_bytes = num_blocks * per_block
+        else:
+            kv_bytes = None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
+        memory = plan_memory(free_bytes=host_free_bytes() if free_bytes is None else free_bytes,
+                             memory_utilization=comp.memory_utilization,
+                             graph_reserved_fraction=comp.graph_reserved_fraction,
+                             graph_prompt_ratio=comp.graph_prompt_ratio, bytes_per_block=per_block,
+                             block_size=block_size, max_model_len=max_len, kv_bytes=kv_bytes)
+        cc = CacheConfig(block_size=block_size, num_blocks=num_blocks or memory.num_blocks,
+                         kv_cache_gib=memory.kv_bytes / 2**30, enable_prefix_caching=enable_prefix_caching)
         blocks = -(-max_len // block_size)
         max_prompt = min(sc.max_num_batched_tokens, max_len)
-        env = lambda n, d: _env_int(n) or d
+        b = buckets or {}
         plan = BucketPlan(
-            prompt_bs=make_buckets(env("KILN_PROMPT_BS_BUCKET_MIN", 1), env("KILN_PROMPT_BS_BUCKET_STEP", 32),
-                                   env("KILN_PROMPT_BS_BUCKET_MAX", min(max_num_seqs, 64))),
-            prompt_seq=make_buckets(env("KILN_PROMPT_SEQ_BUCKET_MIN", block_size),
-                                    env("KILN_PROMPT_SEQ_BUCKET_STEP", max(block_size, 256)),
-                                    env("KILN_PROMPT_SEQ_BUCKET_MAX", max_prompt)),
-            decode_bs=make_buckets(env("KILN_DECODE_BS_BUCKET_MIN", 1), env("KILN_DECODE_BS_BUCKET_STEP", 32),
-                                   env("KILN_DECODE_BS_BUCKET_MAX", max_num_seqs)),
-            decode_blocks=make_buckets(env("KILN_DECODE_BLOCK_BUCKET_MIN", min(4, blocks)),
-                                       env("KILN_DECODE_BLOCK_BUCKET_STEP", 32),
-                                       env("KILN_DECODE_BLOCK_BUCKET_MAX", blocks)),
+            prompt_bs=make_buckets(*bucket_range("PROMPT_BS", b.get("prompt_bs"), (1, 32, min(max_num_seqs, 64)))),
+            prompt_seq=make_buckets(*bucket_range("PROMPT_SEQ", b.get("prompt_seq"),
+                                                  (block_size, max(block_size, 256), max_prompt))),
+            decode_bs=make_buckets(*bucket_range("DECODE_BS", b.get("decode_bs"), (1, 32, max_num_seqs))),
+            decode_blocks=make_buckets(*bucket_range("DECODE_BLOCK", b.get("decode_blocks"),
+                                                     (min(4, blocks), 32, blocks))),
             max_prompt_tokens=sc.max_num_batched_tokens)
-        if plan.prompt_seq[-1] < 1 or plan.decode_blocks[-1] * block_size < max_len:
-            raise ValueError("decode block buckets must cover max_model_len")
-        return cls(model=mc, cache=cc, scheduler=sc, buckets=plan, dtype=resolved, seed=seed)
+        if plan.decode_blocks[-1] < blocks:
+            raise ValueError(f"the largest decode block bucket ({plan.decode_blocks[-1]}) must cover max_model_len="
+                             f"{max_len} ({blocks} blocks of {block_size})")
+        if plan.prompt_seq[-1] > max_prompt or not plan.required_buckets()[0]:
+            raise ValueError(f"prompt seq_len buckets (max {plan.prompt_seq[-1]}) must fit max_num_batched_tokens="
+                             f"{sc.max_num_batched_tokens} and max_model_len={max_len}")
+        return cls(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory, dtype=resolved,
+                   platform=platform, seed=seed)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from kiln.config import models_dir
+# Tests run like a fresh machine: models are shared (fetched once per machine), but compiled graphs go to a
+# per-session cache, and engines compile lazily unless a test asks for warmup (the compile tests do).
+os.environ.setdefault("KILN_MODELS_DIR", str(Path(os.environ.get("KILN_CACHE_DIR") or "~/.cache/kiln").expanduser()
+                                             / "models"))
+os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
+os.environ["KILN_SKIP_WARMUP"] = "1"
+
+from kiln.config import models_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +62,8 @@ def default_hf_dir(default_gguf: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this session's graph cache."""
+    shutil.rmtree(os.environ["KILN_CACHE_DIR"], ignore_errors=True)

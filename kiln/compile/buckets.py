@@ -41,8 +41,20 @@ class BucketPlan:
     max_prompt_tokens: int          # a prefill bucket's batch x seq_len never exceeds this
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, seq_len) whose padded tokens fit the step budget."""
         return [(b, s) for b, s in itertools.product(self.prompt_bs, self.prompt_seq)
-                if b * s <= self.max_prompt_tokens or b == self.prompt_bs[0]]
+                if b * s <= self.max_prompt_tokens]
+
+    def max_prefill_seq(self, batch: int) -> int:
+        """The longest seq_len bucket a prefill of `batch` rows may use (0: none fits the budget)."""
+        b = pick(self.prompt_bs, batch)
+        return max((s for s in self.prompt_seq if b * s <= self.max_prompt_tokens), default=0)
+
+    def required_buckets(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The graphs that hold every admissible step: for each prefill batch size its longest seq_len
+        within the budget, and the largest decode bucket."""
+        prefill = [(b, self.max_prefill_seq(b)) for b in self.prompt_bs if self.max_prefill_seq(b)]
+        return prefill, [(self.decode_bs[-1], self.decode_blocks[-1])]
 
     def decode_buckets(self) -> list[tuple[int, int]]:
         return list(itertools.product(self.decode_bs, self.decode_blocks))

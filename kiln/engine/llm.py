@@ -10,6 +10,7 @@ from kiln import config as C
 from kiln.backends.jax.model import params_from_hf
 from kiln.backends.jax.runner import JaxRunner
 from kiln.backends.platform import jax_platform
+from kiln.compile.warmup import warmup
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
@@ -18,13 +19,19 @@ from kiln.models.loader import load_model
 log = logging.getLogger(__name__)
 
 
-def build_engine(model: str = C.ModelConfig.model, **kwargs) -> LLMEngine:
-    """Load weights and tokenizer, build the config, the runner and the engine."""
+def build_engine(model: str = C.ModelConfig.model, dtype: str = "auto", **kwargs) -> LLMEngine:
+    """Load weights and tokenizer, plan memory, build the runner, warm up its graphs, build the engine.
+
+    Keyword arguments are `EngineConfig.create`'s (engine, cache and compile settings).
+    """
+    platform = jax_platform()
     loaded = load_model(model, C.models_dir())
-    config = C.EngineConfig.create(loaded.spec, model=model, platform=jax_platform(), **kwargs)
-    params = params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(config.dtype))
+    params = params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(C.resolve_dtype(dtype, platform)))
     del loaded.tensors
+    config = C.EngineConfig.create(loaded.spec, model=model, dtype=dtype, platform=platform, **kwargs)
     runner = JaxRunner(loaded.spec, params, config)
+    if config.compile.warmup:
+        warmup(runner)
     return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)
 
 

@@ -173,5 +173,7 @@ class LLMEngine:
         st = dict(self.scheduler.kv.stats())
         st.update(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                   preemptions=self.scheduler.num_preemptions, compiles=len(self.runner.compile_log),
+                  compiles_while_serving=self.runner.guard.while_serving,
+                  graph_cache_hits=self.runner.cache.hits if self.runner.cache else 0,
                   padding_tokens=self.runner.padding_tokens, real_tokens=self.runner.real_tokens)
         return st

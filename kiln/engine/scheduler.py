@@ -5,8 +5,8 @@ to compute needs prefill (a new prompt, a later chunk of a long one, or a preemp
 one with exactly one needs decode. Each step is one kind. When both kinds have work they alternate, so a
 long prompt is prefilled in chunks between decode steps and running streams keep flowing.
 
-Prefill steps spend a token budget (`max_num_batched_tokens`) counted with padding: rows x longest chunk
-stays within it, so the bucket a step lands in is bounded too. Admission is FCFS while `max_num_seqs` and
+Prefill steps spend a token budget (`max_num_batched_tokens`) counted with padding: the bucket a step
+lands in (padded rows x padded chunk length) stays within it. Admission is FCFS while `max_num_seqs` and
 free blocks allow; a prefix-cache hit starts a request past its cached blocks. When a running request
 needs a block and none is free, the newest running request is preempted (blocks freed, recomputed later).
 """
@@ -77,14 +77,13 @@ class Scheduler:
             eos_token_ids=req.eos_token_ids)
 
     def _schedule_prefill(self) -> SchedulerOutput:
-        budget = self.config.scheduler.max_num_batched_tokens
-        max_chunk = self.config.buckets.prompt_seq[-1]
-        max_rows = self.config.buckets.prompt_bs[-1]
+        plan = self.config.buckets
+        max_rows = plan.prompt_bs[-1]
         rows: list[ScheduledRow] = []
         longest = 0
 
         def chunk_for(req: Request) -> int:
-            cap = min(budget // (len(rows) + 1), max_chunk)   # rows x longest chunk stays within budget
+            cap = plan.max_prefill_seq(len(rows) + 1)    # the padded bucket stays within the token budget
             return 0 if longest > cap else min(req.num_tokens - req.num_computed_tokens, cap)
 
         for req in [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]:

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kiln.backends.jax import model as M
-from kiln.config import EngineConfig
+from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
+from kiln.compile.guard import CompileGuard
+from kiln.config import EngineConfig, xla_flags
 from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.kernels.sampling import SampleOutput, SamplingTensors, build_sampling_tensors, sample
@@ -40,22 +42,34 @@ class GraphKey:
     kind: str          # prefill | decode
     batch: int
     size: int          # prefill: seq_len bucket; decode: num_blocks bucket
-    num_logprobs: int  # 0 or MAX_LOGPROBS (static top-k width)
+
+    def __str__(self) -> str:
+        return f"{self.kind}(batch={self.batch}, {'seq_len' if self.kind == 'prefill' else 'blocks'}={self.size})"
 
 
-def _prefill_step(spec: ModelSpec, scale: float, num_logprobs: int, params, k_cache, v_cache, tokens,
-                  positions, slots, block_tables, prefix_lens, q_lens, st: SamplingTensors):
+def _sample_with_top(logits, st: SamplingTensors, want_top):
+    """Sample, and the top-MAX_LOGPROBS logprobs only when some row asked (want_top: scalar bool)."""
+    out = sample(logits, st, num_logprobs=0)                              # [B] tokens and logprobs
+    B = logits.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        want_top, lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), MAX_LOGPROBS)),
+        lambda x: (jnp.zeros((B, MAX_LOGPROBS), jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32)), logits)
+    return out._replace(top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)   # [B, K]
+
+
+def _prefill_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
+                  block_tables, prefix_lens, q_lens, st: SamplingTensors, want_top):
     attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
     h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
     last = jnp.take_along_axis(h, jnp.maximum(q_lens - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return k_cache, v_cache, sample(M.lm_head(params, last), st, num_logprobs=num_logprobs)
+    return k_cache, v_cache, _sample_with_top(M.lm_head(params, last), st, want_top)
 
 
-def _decode_step(spec: ModelSpec, scale: float, num_logprobs: int, params, k_cache, v_cache, tokens,
-                 positions, slots, block_tables, context_lens, st: SamplingTensors):
+def _decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
+                 block_tables, context_lens, st: SamplingTensors, want_top):
     attend = M.attend_fn(block_tables, context_lens, jnp.ones_like(context_lens), scale, decode=True)
     h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
-    return k_cache, v_cache, sample(M.lm_head(params, h[:, 0]), st, num_logprobs=num_logprobs)
+    return k_cache, v_cache, _sample_with_top(M.lm_head(params, h[:, 0]), st, want_top)
 
 
 class JaxRunner:
@@ -70,6 +84,9 @@ class JaxRunner:
         self.v_cache = jnp.zeros(shape, dtype)
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
+        self.graph_memory: dict[GraphKey, int] = {}                # bytes of temporaries + code per graph
+        self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
+        self.cache = GraphCache(config.compile.graph_cache_dir) if config.compile.graph_cache else None
         self.padding_tokens = 0                                    # bucket waste, for metrics
         self.real_tokens = 0
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
@@ -88,35 +105,75 @@ class JaxRunner:
         st = build_sampling_tensors([], [], [], [], [], [], B, nbt * bs)
         st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st)
         spec_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch, st)
+        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch, st,
+                jax.ShapeDtypeStruct((), jnp.bool_))
+
+    def fingerprint(self, key: GraphKey) -> dict:
+        """Everything that changes the graph of `key` (never weight values): the graph-cache key."""
+        import jaxlib
+        dev = jax.devices()[0]
+        return {"graph_version": GRAPH_VERSION, "key": dataclasses.asdict(key), "spec": self.spec.shape_key(),
+                "args": str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), self._abstract_args(key))),
+                "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+                "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": xla_flags()}
 
     def lower(self, key: GraphKey):
         fn = _prefill_step if key.kind == "prefill" else _decode_step
-        step = partial(fn, self.spec, self.spec.head_dim ** -0.5, key.num_logprobs)
+        step = partial(fn, self.spec, self.spec.head_dim ** -0.5)
         return jax.jit(step, donate_argnums=(1, 2)).lower(*self._abstract_args(key))
 
-    def compile(self, key: GraphKey) -> jax.stages.Compiled:
+    def is_cached(self, key: GraphKey) -> bool:
+        """Whether the graph cache holds `key` (nothing is loaded or compiled)."""
+        return self.cache is not None and self.cache.has(fingerprint_key(self.fingerprint(key)))
+
+    def load_or_compile(self, key: GraphKey) -> str:
+        """Make `key`'s executable available: from the graph cache ("hit") or by compiling ("compiled")."""
+        if key in self.executables:
+            return "loaded"
+        cache_key = fingerprint_key(self.fingerprint(key)) if self.cache else None
+        if self.cache is not None:
+            exe = self.cache.load(cache_key)
+            if exe is not None:
+                self.executables[key] = exe
+                self.graph_memory[key] = self.cache.manifest().get(cache_key, {}).get("memory_bytes", 0)
+                return "hit"
+        self.guard.check(str(key))
+        t0 = time.perf_counter()
+        exe = self.lower(key).compile()
+        dt = time.perf_counter() - t0
+        mem = exe.memory_analysis()
+        nbytes = (mem.temp_size_in_bytes + mem.generated_code_size_in_bytes) if mem is not None else 0
+        self.executables[key], self.graph_memory[key] = exe, nbytes
+        self.compile_log.append((key, dt))
+        log.info("compiled %s in %.2fs (%.1f MiB)", key, dt, nbytes / 2**20)
+        if self.cache is not None:
+            self.cache.store(cache_key, exe, {"graph": str(key), "compile_s": round(dt, 3), "memory_bytes": nbytes})
+        return "compiled"
+
+    def _graph_for(self, kind: str, batch: int, size: int) -> tuple[GraphKey, jax.stages.Compiled]:
+        """The smallest compiled graph holding (batch, size); compiles the exact bucket only if allowed."""
+        plan = self.config.buckets
+        b, s = plan.prefill_bucket(batch, size) if kind == "prefill" else plan.decode_bucket(batch, size)
+        key = GraphKey(kind, b, s)
         if key not in self.executables:
-            t0 = time.perf_counter()
-            self.executables[key] = self.lower(key).compile()
-            dt = time.perf_counter() - t0
-            self.compile_log.append((key, dt))
-            log.info("compiled %s in %.2fs", key, dt)
-        return self.executables[key]
+            fits = [k for k in self.executables if k.kind == kind and k.batch >= b and k.size >= s]
+            if fits and not self.guard.allow_lazy:
+                key = min(fits, key=lambda k: (k.batch * k.size, k.batch))
+            else:
+                self.load_or_compile(key)
+        return key, self.executables[key]
 
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> StepResult:
-        rows, plan, bs = out.rows, self.config.buckets, self.config.cache.block_size
+        rows, bs = out.rows, self.config.cache.block_size
         want_lp = max((r.sampling_params.logprobs or 0) + 1 for r in rows) if any(
             r.sampling_params.logprobs is not None for r in rows) else 0
         if out.kind == "prefill":
-            B, T = plan.prefill_bucket(len(rows), max(len(r.token_ids) for r in rows))
-            nbt = self.config.max_blocks_per_seq
+            key, exe = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
+            B, T, nbt = key.batch, key.size, self.config.max_blocks_per_seq
         else:
-            B, nbt = plan.decode_bucket(len(rows), max(len(r.block_table) for r in rows))
-            T = 1
-        key = GraphKey(out.kind, B, T if out.kind == "prefill" else nbt, MAX_LOGPROBS if want_lp else 0)
-        exe = self.compile(key)
+            key, exe = self._graph_for("decode", len(rows), max(len(r.block_table) for r in rows))
+            B, T, nbt = key.batch, 1, key.size
 
         tokens = np.zeros((B, T), np.int32)
         positions = np.zeros((B, T), np.int32)
@@ -142,7 +199,8 @@ class JaxRunner:
             batch = (tokens, positions, slots, tables, starts, lens)
         else:
             batch = (tokens, positions, slots, tables, starts)
-        self.k_cache, self.v_cache, res = exe(self.params, self.k_cache, self.v_cache, *batch, st)
+        self.k_cache, self.v_cache, res = exe(self.params, self.k_cache, self.v_cache, *batch, st,
+                                              np.bool_(want_lp > 0))
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)
         top = None

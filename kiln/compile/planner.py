@@ -1,0 +1,96 @@
+"""Warmup planner: split usable memory between compiled graphs and the KV cache, and order the buckets.
+
+    usable     = memory_utilization x free memory (after weights are loaded and a profiling step ran)
+    graphs     = graph_reserved_fraction x usable;  prompt graphs get graph_prompt_ratio of it, decode the rest
+    kv cache   = usable - graphs  ->  num_blocks = kv // bytes per block
+
+On CPU free memory is host memory, and the KV budget may be given directly (`--kv-cache-gib`), which skips the
+split. Buckets are compiled in strategy order until their budget is spent; the largest bucket of each family is
+always compiled, so every admissible shape has a graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+PREFILL_STRATEGIES = ("min_tokens", "max_bs")
+DECODE_STRATEGIES = ("max_bs", "min_tokens")
+
+
+class PlanError(ValueError):
+    """The settings cannot fit: the message names the knob to turn."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    free_bytes: int
+    usable_bytes: int
+    prompt_graph_bytes: int
+    decode_graph_bytes: int
+    kv_bytes: int
+    num_blocks: int
+
+
+def host_free_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what a new allocation can get without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def plan_memory(*, free_bytes: int, memory_utilization: float, graph_reserved_fraction: float,
+                graph_prompt_ratio: float, bytes_per_block: int, block_size: int, max_model_len: int,
+                kv_bytes: int | None = None) -> MemoryPlan:
+    """The budget split. `kv_bytes` given: the KV cache gets exactly that and graphs the rest of usable."""
+    for name, v in (("memory_utilization", memory_utilization), ("graph_reserved_fraction", graph_reserved_fraction),
+                    ("graph_prompt_ratio", graph_prompt_ratio)):
+        if not 0.0 <= v <= 1.0:
+            raise PlanError(f"{name} must be in [0, 1], got {v}")
+    usable = int(memory_utilization * free_bytes)
+    if kv_bytes is None:
+        graphs = int(graph_reserved_fraction * usable)
+        kv = usable - graphs
+    else:
+        kv = kv_bytes
+        if kv > usable:
+            raise PlanError(f"the KV cache ({kv / 2**30:.2f} GiB) does not fit the usable memory "
+                            f"({usable / 2**30:.2f} GiB = memory_utilization {memory_utilization} x "
+                            f"{free_bytes / 2**30:.2f} GiB free): lower --kv-cache-gib")
+        graphs = usable - kv
+    prompt = int(graph_prompt_ratio * graphs)
+    num_blocks = stable_block_count(kv // bytes_per_block)
+    needed = -(-max_model_len // block_size) + 1            # one max-length sequence plus the null block
+    if num_blocks < needed:
+        raise PlanError(
+            f"the KV cache gets {num_blocks} blocks ({kv / 2**30:.2f} GiB), fewer than the {needed} one "
+            f"max_model_len={max_model_len} sequence needs: raise --memory-utilization or --kv-cache-gib, lower "
+            f"--graph-reserved-fraction, or lower --max-model-len")
+    return MemoryPlan(free_bytes, usable, prompt, graphs - prompt, kv, num_blocks)
+
+
+def stable_block_count(n: int) -> int:
+    """Round down to 4 significant bits, so that run-to-run jitter in free memory keeps the same KV-cache
+    shape, and with it the same compiled graphs (the cache is a graph argument with a static shape)."""
+    if n < 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return n // step * step
+
+
+def order_buckets(buckets: list[tuple[int, int]], strategy: str) -> list[tuple[int, int]]:
+    """min_tokens: smallest batch x size first; max_bs: largest batch first, then smallest size."""
+    if strategy == "min_tokens":
+        return sorted(buckets, key=lambda b: (b[0] * b[1], b[0]))
+    if strategy == "max_bs":
+        return sorted(buckets, key=lambda b: (-b[0], b[1]))
+    raise PlanError(f"unknown warmup strategy {strategy!r}; choose from min_tokens, max_bs")
+
+
+def must_compile(buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket that holds every other: largest batch and largest size."""
+    return max(b for b, _ in buckets), max(s for _, s in buckets)

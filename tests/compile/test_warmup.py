@@ -1,0 +1,97 @@
+"""Warmup, the persistent graph cache and the no-compile guard, end to end on a tiny random model."""
+import time
+
+import pytest
+
+from kiln import SamplingParams
+from kiln.backends.jax.runner import GraphKey
+from kiln.compile.guard import CompileForbiddenError
+from kiln.compile.planner import PlanError
+from kiln.compile.warmup import warmup
+from kiln.engine.llm import build_engine
+from tests.tiny import save_tiny_model
+
+SETTINGS = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, num_blocks=32, compile_workers=2)
+PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 60))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "llama-tied"))
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _engine(model, **kw):
+    return build_engine(str(model), **{**SETTINGS, "warmup": False, **kw})
+
+
+def _greedy(engine, prompts=PROMPTS):
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)) for p in prompts]
+    done = {}
+    while len(done) < len(ids):
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+def test_second_warmup_hits_every_graph(model_dir, cache_dir):
+    t0 = time.perf_counter()
+    first = warmup(_engine(model_dir).runner, show_progress=False)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = warmup(_engine(model_dir).runner, show_progress=False)
+    warm = time.perf_counter() - t0
+    print(f"cold warmup {cold:.1f}s, warm warmup {warm:.1f}s, {first.planned} graphs")
+    assert first.planned == first.compiled == first.captured > 0 and first.hits == 0
+    assert second.hits == second.planned == first.planned and second.compiled == 0
+
+
+def test_warm_cache_start_compiles_nothing(model_dir, cache_dir):
+    warmup(_engine(model_dir).runner, show_progress=False)
+    engine = _engine(model_dir, warmup=True)            # as LLM(...) / kiln serve build it
+    out = _greedy(engine)
+    assert engine.runner.compile_log == []
+    assert engine.runner.guard.total == 0                # no XLA compile at all in this engine's lifetime
+    assert all(len(t) == 6 for t in out)
+
+
+def test_changes_that_miss_and_changes_that_hit(model_dir, cache_dir, tmp_path):
+    base = warmup(_engine(model_dir).runner, show_progress=False)
+    more = warmup(_engine(model_dir, buckets={"decode_bs": (1, 8, 8)}).runner, show_progress=False)
+    # decode batch sizes (1, 2, 4) -> (1, 2, 4, 8): one new decode bucket, (8, 4 blocks); the rest hit
+    assert more.planned == base.planned + 1 and more.compiled == 1 and more.hits == base.planned
+    other_dtype = warmup(_engine(model_dir, dtype="bfloat16").runner, show_progress=False)
+    assert other_dtype.hits == 0
+    finetune = save_tiny_model(tmp_path / "finetune", "llama-tied", seed=1)   # same shapes, other weights
+    assert warmup(_engine(finetune).runner, show_progress=False).hits == base.planned
+
+
+def test_corrupt_entry_is_rebuilt_and_outputs_stay_right(model_dir, cache_dir):
+    engine = _engine(model_dir)
+    warmup(engine.runner, show_progress=False)
+    expected = _greedy(engine)
+    for f in (cache_dir / "graphs").glob("*.graph"):
+        f.write_bytes(f.read_bytes()[:1000])              # truncate every entry
+    engine = _engine(model_dir)
+    report = warmup(engine.runner, show_progress=False)
+    assert engine.runner.cache.corrupt == report.planned and report.compiled == report.planned
+    assert _greedy(engine) == expected
+
+
+def test_guard_forbids_compiles_after_warmup_unless_allowed(model_dir, cache_dir):
+    engine = _engine(model_dir, warmup=True)
+    extra = GraphKey("decode", 3, 4)                     # not a planned bucket
+    with pytest.raises(CompileForbiddenError, match="--allow-lazy-compile"):
+        engine.runner.load_or_compile(extra)
+    lazy = _engine(model_dir, warmup=True, allow_lazy_compile=True)
+    assert lazy.runner.load_or_compile(extra) == "compiled"
+    assert lazy.runner.guard.while_serving >= 1
+
+
+def test_plan_that_cannot_fit_fails_at_start(model_dir, cache_dir):
+    with pytest.raises(PlanError, match="max_model_len=64"):
+        _engine(model_dir, num_blocks=2)
