@@ -114,6 +114,7 @@ class AsyncEngine:
     def _abort(self, rid: str) -> None:
         out = self.engine.abort(rid)
         if out is not None:
+            self._stats = self.engine.stats()   # blocks freed now, not at the next step (there may be none)
             self._deliver(rid, out)
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:

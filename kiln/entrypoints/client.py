@@ -1,0 +1,129 @@
+"""A small client of `kiln serve` (kiln.v1.Inference), and `kiln client "prompt"` streaming to the terminal.
+
+    with KilnClient("127.0.0.1:50051", api_key=...) as c:
+        for delta in c.generate("Once upon a time", max_tokens=32, temperature=0):
+            print(delta.text, end="")
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kiln.proto import inference_pb2 as pb
+from kiln.proto import inference_pb2_grpc as pb_grpc
+
+
+def generate_request(prompt: str | list[int] | list[dict[str, str]], request_id: str = "",
+                     **sampling: Any) -> pb.GenerateRequest:
+    """A GenerateRequest from a prompt (text, token ids or chat messages) and SamplingParams keyword arguments."""
+    req = pb.GenerateRequest(request_id=request_id)
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)
+    sp = req.sampling_params
+    for k, v in sampling.items():
+        if v is None:
+            continue
+        if k == "stop":
+            sp.stop.extend([v] if isinstance(v, str) else v)
+        elif k == "stop_token_ids":
+            sp.stop_token_ids.extend(v)
+        elif k == "logit_bias":
+            sp.logit_bias.update({int(t): float(b) for t, b in v.items()})
+        else:
+            setattr(sp, k, v)
+    return req
+
+
+class KilnClient:
+    """Blocking client. `target` is host:port; TLS when `tls_ca` (a PEM file of the CA) is given."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, tls_ca: str | None = None,
+                 options: list[tuple[str, Any]] | None = None):
+        opts = options or []
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(target, options=opts)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def generate(self, prompt, request_id: str = "", timeout: float | None = None,
+                 **sampling: Any) -> Iterator[pb.GenerateResponse]:
+        """Stream the deltas (text, token ids, per sample index); the last one carries usage."""
+        return self.stub.Generate(generate_request(prompt, request_id, **sampling), timeout=timeout,
+                                  metadata=self.metadata)
+
+    def generate_unary(self, prompt, request_id: str = "", timeout: float | None = None,
+                       **sampling: Any) -> pb.GenerateReply:
+        return self.stub.GenerateUnary(generate_request(prompt, request_id, **sampling), timeout=timeout,
+                                       metadata=self.metadata)
+
+    def tokenize(self, text: str | list[dict[str, str]], add_special_tokens: bool | None = None) -> list[int]:
+        req = pb.TokenizeRequest()
+        if isinstance(text, str):
+            req.text = text
+        else:
+            req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in text)
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
+        return list(self.stub.Tokenize(req, metadata=self.metadata).token_ids)
+
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
+        req = pb.DetokenizeRequest(token_ids=token_ids)
+        if skip_special_tokens is not None:
+            req.skip_special_tokens = skip_special_tokens
+        return self.stub.Detokenize(req, metadata=self.metadata).text
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.ModelInfoRequest(), metadata=self.metadata)
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id), metadata=self.metadata).found
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "KilnClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def add_client_args(p) -> None:
+    p.add_argument("prompt", nargs="+", help="the prompt text")
+    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of `kiln serve` (default: %(default)s)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def cmd_client(a) -> int:
+    prompt = " ".join(a.prompt)
+    msg = [{"role": "user", "content": prompt}] if a.chat else prompt
+    with KilnClient(a.target, api_key=a.api_key, tls_ca=a.tls_ca) as c:
+        try:
+            for d in c.generate(msg, max_tokens=a.max_tokens, temperature=a.temperature, timeout=a.timeout):
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
+                if d.HasField("usage"):
+                    print(f"\n[{d.finish_reason}; prompt {d.usage.prompt_tokens} tokens, "
+                          f"completion {d.usage.completion_tokens}, cached {d.usage.cached_prompt_tokens}]",
+                          file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"kiln: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print()
+    return 0
