@@ -63,7 +63,8 @@ def plan_memory(*, free_bytes: int, memory_utilization: float, graph_reserved_fr
                             f"{free_bytes / 2**30:.2f} GiB free): lower --kv-cache-gib")
         graphs = usable - kv
     prompt = int(graph_prompt_ratio * graphs)
-    num_blocks = stable_block_count(kv // bytes_per_block)
+    # an automatic size is rounded so jitter in free memory keeps the graphs' cache shape; a given one is exact
+    num_blocks = kv // bytes_per_block if kv_bytes is not None else stable_block_count(kv // bytes_per_block)
     needed = -(-max_model_len // block_size) + 1            # one max-length sequence plus the null block
     if num_blocks < needed:
         raise PlanError(

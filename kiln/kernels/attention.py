@@ -1,12 +1,16 @@
 """Paged attention in pure jnp: the reference kernels every backend variant must match.
 
-The KV cache is one array per K and V, `[L, NB, bs, KVH, D]` (layers, blocks, block size, kv heads, head dim).
-A step computes K/V for its new tokens, attends over the cached prefix plus those new tokens, and
-writes them to the cache after the last layer. A sequence's tokens live in the blocks its block table lists, in order, so token position p sits in block
-`table[p // bs]` at offset `p % bs`. Block 0 is the null block: padding rows and padding tokens write there
-and their reads are masked, so its contents never matter.
+The KV cache is one array per K and V, `[L, NB, KVH, bs, D]` (layers, blocks, kv heads, block size, head
+dim). Heads come before the token offset so that the blocks a row gathers transpose, in the same pass, into
+`[B, KVH, S, D]`, the layout whose batched matmuls XLA:CPU runs fastest (7x the `[.., S, KVH, D]` layout's
+attention time on this machine; see BENCHMARKS.md).
 
-Queries are grouped by kv head (`[.., KVH, G, D]`, G = heads per kv head), which is GQA without repeating K/V.
+A step computes K/V for its new tokens, attends over the cached prefix plus those new tokens, and writes
+them to the cache after the last layer. A sequence's tokens live in the blocks its block table lists, in
+order, so token position p sits in block `table[p // bs]` at offset `p % bs`. Block 0 is the null block:
+padding rows and padding tokens write there and their reads are masked, so its contents never matter.
+
+Queries are grouped by kv head (`[B, KVH, G, T, D]`, G = heads per kv head): GQA without repeating K/V.
 Masked scores use a large finite negative value, so fully padded rows give finite garbage, never NaN.
 """
 from __future__ import annotations
@@ -18,42 +22,38 @@ MASK_VALUE = -1e30
 
 
 def write_kv(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """Scatter every layer's new K or V [L, N, KVH, D] into cache [L, NB, bs, KVH, D] at flat slots [N].
+    """Scatter every layer's new K or V [L, N, KVH, D] into cache [L, NB, KVH, bs, D] at flat slots [N].
 
     One scatter after all layers, outside any loop, so a donated cache is updated in place (a cache carried
     through the layer loop is copied by XLA:CPU when a step writes a single slot).
     """
-    L, NB, bs, KVH, D = cache.shape
-    flat = cache.reshape(L, NB * bs, KVH, D)                              # [L, NB*bs, KVH, D]
-    return flat.at[:, slots].set(new.astype(cache.dtype)).reshape(cache.shape)
+    bs = cache.shape[3]
+    blocks, offsets = slots // bs, slots % bs                              # [N], [N]
+    # advanced indices split by a slice put the index dim first: the update is [N, L, KVH, D]
+    return cache.at[:, blocks, :, offsets].set(new.transpose(1, 0, 2, 3).astype(cache.dtype))
 
 
 def gather_kv(cache: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """The context of every row: [B, NBt * bs, KVH, D] from block tables [B, NBt]."""
-    _, _, bs, KVH, D = cache.shape
+    """The context of every row: [B, KVH, NBt * bs, D] from block tables [B, NBt]."""
+    _, _, KVH, bs, D = cache.shape
     B, NBt = block_tables.shape
-    blocks = cache[layer, block_tables]                                    # [B, NBt, bs, KVH, D]
-    return blocks.reshape(B, NBt * bs, KVH, D)
-
-
-def _scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-    # q [B, T, KVH, G, D], k [B, S, KVH, D] -> [B, KVH, G, T, S]
-    return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    blocks = cache[layer, block_tables]                                    # [B, NBt, KVH, bs, D]
+    return blocks.transpose(0, 2, 1, 3, 4).reshape(B, KVH, NBt * bs, D)
 
 
 def _partial(q, k, v, mask, scale):
-    """Unnormalised attention over one key set: (out [B,T,KVH,G,D] f32, row max m, row sum l [B,KVH,G,T])."""
-    s = jnp.where(mask[:, None, None], _scores(q, k, scale), MASK_VALUE)  # [B, KVH, G, T, S]
+    """Unnormalised attention over one key set.
+
+    q [B, KVH, G, T, D], k/v [B, KVH, S, D], mask [B, T, S] -> (out [B, KVH, G, T, D] f32, max m and sum l
+    of the exponentiated scores [B, KVH, G, T]).
+    """
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None], s, MASK_VALUE)                     # [B, KVH, G, T, S]
     m = jnp.max(s, axis=-1)                                                # [B, KVH, G, T]
     p = jnp.exp(s - m[..., None])                                          # [B, KVH, G, T, S]
     l = jnp.sum(p, axis=-1)                                                # [B, KVH, G, T]
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out, m, l
-
-
-def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
-    B, T, H, D = q.shape
-    return q.reshape(B, T, num_kv_heads, H // num_kv_heads, D)             # [B, T, KVH, G, D]
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
@@ -68,26 +68,25 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: j
     """
     B, T, H, D = q.shape
     KVH = k_new.shape[2]
-    qg = _group(q, KVH)                                                    # [B, T, KVH, G, D]
+    qg = q.reshape(B, T, KVH, H // KVH, D).transpose(0, 2, 3, 1, 4)        # [B, KVH, G, T, D]
     t = jnp.arange(T)
     local_mask = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < q_lens[:, None, None])  # [B, T, T]
-    out, m, l = _partial(qg, k_new, v_new, local_mask, scale)
+    out, m, l = _partial(qg, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), local_mask, scale)
 
     def with_prefix(args):
         out, m, l = args
-        k = gather_kv(k_cache, layer, block_tables)                        # [B, S, KVH, D]
+        k = gather_kv(k_cache, layer, block_tables)                        # [B, KVH, S, D]
         v = gather_kv(v_cache, layer, block_tables)
-        pmask = jnp.broadcast_to((jnp.arange(k.shape[1])[None, :] < prefix_lens[:, None])[:, None, :],
-                                 (B, T, k.shape[1]))                       # [B, T, S]
+        S = k.shape[2]
+        pmask = jnp.broadcast_to((jnp.arange(S)[None, :] < prefix_lens[:, None])[:, None, :], (B, T, S))
         out2, m2, l2 = _partial(qg, k, v, pmask, scale)
         m_new = jnp.maximum(m, m2)                                         # [B, KVH, G, T]
         a, a2 = jnp.exp(m - m_new), jnp.exp(m2 - m_new)
-        to_btkg = lambda x: x.transpose(0, 3, 1, 2)[..., None]            # [B, T, KVH, G, 1]
-        return out * to_btkg(a) + out2 * to_btkg(a2), m_new, l * a + l2 * a2
+        return out * a[..., None] + out2 * a2[..., None], m_new, l * a + l2 * a2
 
     if prefix_always:
         out, m, l = with_prefix((out, m, l))
     else:
         out, m, l = jax.lax.cond(jnp.any(prefix_lens > 0), with_prefix, lambda args: args, (out, m, l))
-    out = out / jnp.maximum(l, 1e-30).transpose(0, 3, 1, 2)[..., None]    # [B, T, KVH, G, D]
-    return out.reshape(B, T, H, D).astype(q.dtype)
+    out = out / jnp.maximum(l, 1e-30)[..., None]                          # [B, KVH, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)

@@ -134,19 +134,24 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0) -> S
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
 
     is_greedy = t.temperature < GREEDY_TEMPERATURE_EPS  # [B]
-    temperature = jnp.where(is_greedy, 1.0, t.temperature)  # [B]
-    scaled = logits / temperature[:, None]  # [B, V]
-    min_p = jnp.where(is_greedy, 0.0, t.min_p)  # [B]
-    scaled = jax.lax.cond(jnp.any(min_p > 0.0), apply_min_p, lambda x, _: x, scaled, min_p)  # [B, V]
-    top_k = jnp.where(is_greedy, 0, t.top_k)  # [B]
-    top_p = jnp.where(is_greedy, 1.0, t.top_p)  # [B]
-    needs_sort = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
-    scaled = jax.lax.cond(
-        needs_sort, apply_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p
-    )  # [B, V]
-    gumbel = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(t.seeds, t.steps, vocab)  # [B, V]
-    random_tokens = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)  # [B]
-    tokens = jnp.where(is_greedy, greedy_tokens, random_tokens)  # [B]
+
+    def random_tokens(logits):
+        temperature = jnp.where(is_greedy, 1.0, t.temperature)  # [B]
+        scaled = logits / temperature[:, None]  # [B, V]
+        min_p = jnp.where(is_greedy, 0.0, t.min_p)  # [B]
+        scaled = jax.lax.cond(jnp.any(min_p > 0.0), apply_min_p, lambda x, _: x, scaled, min_p)  # [B, V]
+        top_k = jnp.where(is_greedy, 0, t.top_k)  # [B]
+        top_p = jnp.where(is_greedy, 1.0, t.top_p)  # [B]
+        needs_sort = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+        scaled = jax.lax.cond(
+            needs_sort, apply_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p
+        )  # [B, V]
+        gumbel = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(t.seeds, t.steps, vocab)  # [B, V]
+        drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)  # [B]
+        return jnp.where(is_greedy, greedy_tokens, drawn)  # [B]
+
+    # an all-greedy batch draws no random numbers at all
+    tokens = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, random_tokens, logits)  # [B]
 
     token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
     if num_logprobs > 0:

@@ -78,9 +78,9 @@ class JaxRunner:
     def __init__(self, spec: ModelSpec, params: M.Params, config: EngineConfig):
         self.spec, self.params, self.config = spec, params, config
         cc = config.cache
-        shape = (spec.num_layers, cc.num_blocks, cc.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
         dtype = jnp.dtype(config.dtype)
-        self.k_cache = jnp.zeros(shape, dtype)                     # [L, NB, bs, KVH, Dh]
+        self.k_cache = jnp.zeros(shape, dtype)                     # [L, NB, KVH, bs, Dh]
         self.v_cache = jnp.zeros(shape, dtype)
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
