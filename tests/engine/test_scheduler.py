@@ -1,0 +1,278 @@
+"""Scheduler unit tests with no device: a fake spec, hand-fed Requests, results simulated on the host.
+
+`_Sim` plays the engine: schedule(), then on_step_done(), then one fake sampled token per row with
+`sample=True`, finishing a request when it reaches its max_tokens.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kiln.config import EngineConfig
+from kiln.engine.request import Request, Status
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.scheduler import Scheduler
+from kiln.models.spec import ModelSpec
+
+SPEC = ModelSpec.from_hf_config({
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 16, "intermediate_size": 32,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "max_position_embeddings": 1024, "eos_token_id": 2})
+
+
+def make_sched(**kw) -> Scheduler:
+    kw.setdefault("block_size", 4)
+    kw.setdefault("num_blocks", 64)
+    kw.setdefault("max_model_len", 128)
+    return Scheduler(EngineConfig.create(SPEC, dtype="float32", **kw))
+
+
+def make_req(rid: str, n_prompt: int, max_tokens: int = 8, base: int = 0) -> Request:
+    # distinct token ids per request (base) so prefix caching only hits where a test wants it
+    prompt = [(base + i) % 997 + 3 for i in range(n_prompt)]
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), seed=0)
+
+
+class _Sim:
+    """Drives a Scheduler like LLMEngine.step does, checking the step's contract every time."""
+
+    def __init__(self, sched: Scheduler):
+        self.s = sched
+        self.outs = []
+        self.finished: dict[str, Request] = {}
+        self.tok = 500
+
+    def add(self, req: Request) -> Request:
+        self.s.add_request(req)
+        return req
+
+    def step(self):
+        s = self.s
+        out = s.schedule()
+        if out is None:
+            return None
+        self.check_output(out)
+        s.on_step_done(out)
+        for row in out.rows:
+            if not row.sample:
+                continue
+            req = s.requests[row.request_id]
+            req.output_token_ids.append(self.tok)
+            self.tok = self.tok % 997 + 3
+            if len(req.output_token_ids) >= req.sampling_params.max_tokens:
+                self.finished[req.request_id] = s.finish(req.request_id, "length")
+        s.kv.check_invariants()
+        self.outs.append(out)
+        return out
+
+    def check_output(self, out):
+        s, cfg = self.s, self.s.config
+        assert out.rows, "schedule() returned an empty step"
+        ids = [r.request_id for r in out.rows]
+        assert len(ids) == len(set(ids)), "a request appears twice in one step"
+        bs = cfg.cache.block_size
+        for r in out.rows:
+            req = s.requests[r.request_id]
+            assert req.status is Status.RUNNING
+            assert r.start_pos == req.num_computed_tokens
+            assert r.token_ids == req.all_token_ids[r.start_pos:r.start_pos + len(r.token_ids)]
+            assert len(r.block_table) * bs >= r.start_pos + len(r.token_ids), "block table too short"
+            assert 0 not in r.block_table, "null block handed to a request"
+            assert r.sample == (r.start_pos + len(r.token_ids) == req.num_tokens)
+            assert r.output_index == len(req.output_token_ids)
+        if out.kind == "prefill":
+            longest = max(len(r.token_ids) for r in out.rows)
+            assert len(out.rows) * longest <= cfg.scheduler.max_num_batched_tokens, "budget ignores padding"
+            assert longest <= cfg.buckets.prompt_seq[-1]
+            assert len(out.rows) <= cfg.buckets.prompt_bs[-1]
+            b, t = cfg.buckets.prefill_bucket(len(out.rows), longest)      # has a bucket ...
+            assert b * t <= cfg.scheduler.max_num_batched_tokens, "padded bucket over the token budget"
+        else:
+            assert all(len(r.token_ids) == 1 for r in out.rows)
+            assert len(out.rows) <= cfg.buckets.decode_bs[-1]
+            cfg.buckets.decode_bucket(len(out.rows), max(len(r.block_table) for r in out.rows))
+        assert len(s.running) <= cfg.scheduler.max_num_seqs
+
+    def run(self, max_steps: int = 10_000):
+        for _ in range(max_steps):
+            if not self.s.has_work():
+                return
+            assert self.step() is not None, "work left but nothing schedulable (deadlock)"
+        raise AssertionError("did not finish")
+
+    def assert_clean(self):
+        kv = self.s.kv
+        kv.check_invariants()
+        assert kv.stats()["blocks_used"] == 0
+        assert kv.num_free_blocks == self.s.config.cache.num_blocks - 1
+        assert not self.s.running and not self.s.waiting and not self.s.requests
+
+
+def test_prefill_then_decode_alternate():
+    sim = _Sim(make_sched())
+    sim.add(make_req("a", 10, max_tokens=6, base=0))
+    sim.add(make_req("b", 7, max_tokens=6, base=100))
+    out = sim.step()
+    assert out.kind == "prefill" and [r.request_id for r in out.rows] == ["a", "b"]
+    assert [len(r.token_ids) for r in out.rows] == [10, 7] and all(r.sample for r in out.rows)
+    out = sim.step()
+    assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a", "b"]
+    # a newcomer while decode has work: prefill and decode alternate
+    sim.add(make_req("c", 9, max_tokens=6, base=200))
+    kinds = [sim.step().kind for _ in range(3)]
+    assert kinds == ["prefill", "decode", "decode"]
+    assert [r.request_id for r in sim.outs[2].rows] == ["c"]
+    assert [r.request_id for r in sim.outs[3].rows] == ["a", "b", "c"]
+    sim.run()
+    assert set(sim.finished) == {"a", "b", "c"}
+    assert all(len(r.output_token_ids) == 6 for r in sim.finished.values())
+    sim.assert_clean()
+
+
+def test_long_prompt_is_chunked_between_decode_steps():
+    sim = _Sim(make_sched(max_num_batched_tokens=16))
+    sim.add(make_req("short", 5, max_tokens=10, base=0))
+    sim.step()                                                     # prefill "short"
+    long = sim.add(make_req("long", 50, max_tokens=3, base=300))
+    chunks = []
+    while long.num_computed_tokens < 50 or not chunks:
+        out = sim.step()
+        if out.kind == "prefill":
+            assert [r.request_id for r in out.rows] == ["long"]
+            chunks.append((out.rows[0].start_pos, len(out.rows[0].token_ids), out.rows[0].sample))
+        else:
+            assert [r.request_id for r in out.rows] == ["short"]   # decode keeps flowing between chunks
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True)]
+    kinds = [o.kind for o in sim.outs[1:]]
+    assert kinds.count("prefill") == 4
+    assert all(x != y for x, y in zip(kinds, kinds[1:])), kinds   # alternation while both have work
+    sim.run()
+    sim.assert_clean()
+
+
+@pytest.mark.parametrize("budget", [16, 24, 40, 64])
+def test_token_budget_counts_padding(budget):
+    sim = _Sim(make_sched(max_num_batched_tokens=budget, num_blocks=256))
+    rng = random.Random(budget)
+    for i in range(12):
+        sim.add(make_req(f"r{i}", rng.randint(1, 60), max_tokens=rng.randint(1, 5), base=i * 61))
+    sim.run()                        # check_output asserts rows x longest chunk <= budget on every prefill
+    prefills = [o for o in sim.outs if o.kind == "prefill"]
+    assert any(len(o.rows) > 1 for o in prefills)
+    assert max(len(o.rows) * max(len(r.token_ids) for r in o.rows) for o in prefills) <= budget
+    assert len(sim.finished) == 12
+    sim.assert_clean()
+
+
+def test_max_num_seqs_respected():
+    sim = _Sim(make_sched(max_num_seqs=2))
+    for i in range(5):
+        sim.add(make_req(f"r{i}", 6, max_tokens=4, base=i * 50))
+    out = sim.step()
+    assert out.kind == "prefill" and len(out.rows) == 2 and len(sim.s.waiting) == 3
+    sim.run()                                        # check_output asserts len(running) <= max_num_seqs
+    assert max(len(o.rows) for o in sim.outs) <= 2
+    assert len(sim.finished) == 5
+    sim.assert_clean()
+
+
+def test_preempts_newest_and_resumes_by_recompute():
+    # 8 usable blocks of 4 tokens; a (12 prompt) and b (12 prompt) take 3 blocks each after prefill; decoding
+    # grows both until the pool runs dry and the newest (b) must give way.
+    sim = _Sim(make_sched(num_blocks=9, max_model_len=32, enable_prefix_caching=False))
+    a = sim.add(make_req("a", 12, max_tokens=12, base=0))
+    b = sim.add(make_req("b", 12, max_tokens=12, base=100))
+    while not any(o.preempted for o in sim.outs):
+        sim.step()
+    out = sim.outs[-1]
+    assert out.preempted == ["b"] and [r.request_id for r in out.rows] == ["a"]
+    assert b.status is Status.WAITING and b.num_computed_tokens == 0 and sim.s.waiting[0] is b
+    assert b.num_preemptions == 1 and sim.s.num_preemptions == 1
+    assert sim.s.kv.block_table("b") == []
+    n_out_b = len(b.output_token_ids)
+    assert n_out_b > 0
+    # later b is prefilled again over prompt + its earlier outputs, then continues decoding
+    sim.run()
+    recompute = [r for o in sim.outs if o.kind == "prefill" for r in o.rows
+                 if r.request_id == "b" and r.start_pos == 0 and len(r.token_ids) > 12]
+    assert recompute and recompute[0].token_ids[:12] == b.prompt_token_ids
+    assert len(recompute[0].token_ids) >= 12 + n_out_b
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
+    assert a.finish_reason == b.finish_reason == "length"
+    sim.assert_clean()
+
+
+def test_preempted_request_hits_its_own_cached_blocks():
+    sim = _Sim(make_sched(num_blocks=9, max_model_len=32))
+    sim.add(make_req("a", 12, max_tokens=12, base=0))
+    sim.add(make_req("b", 12, max_tokens=12, base=100))
+    sim.run()
+    assert sim.s.num_preemptions >= 1
+    assert sim.s.kv.prefix_hits >= 0             # with caching on it still completes and leaks nothing
+    sim.assert_clean()
+
+
+def test_finish_and_abort_free_everything():
+    sim = _Sim(make_sched(max_num_batched_tokens=16))
+    sim.add(make_req("run", 8, max_tokens=50, base=0))
+    sim.add(make_req("chunk", 40, max_tokens=50, base=100))
+    sim.add(make_req("wait", 8, max_tokens=50, base=200))
+    sim.step()
+    sim.step()
+    s = sim.s
+    assert s.kv.block_table("run") and s.kv.block_table("chunk")
+    assert s.requests["chunk"].num_computed_tokens < 40                # aborted mid-chunked-prefill
+    r = s.finish("chunk", "abort")
+    assert r.status is Status.FINISHED and r.finish_reason == "abort"
+    assert s.kv.block_table("chunk") == [] and r not in s.running
+    s.kv.check_invariants()
+    assert s.finish("chunk", "abort") is None                         # twice: no-op
+    s.finish("run", "stop", 7)
+    assert s.requests.get("run") is None
+    s.finish("wait", "abort")
+    sim.assert_clean()
+    assert s.schedule() is None
+
+
+def test_prefix_cache_hit_starts_past_cached_blocks():
+    sim = _Sim(make_sched())
+    shared = list(range(10, 30))                                       # 20 tokens = 5 blocks of 4
+    sim.add(Request("a", shared + [40], SamplingParams(max_tokens=2), seed=0))
+    sim.run()
+    b = sim.add(Request("b", shared + [41, 42], SamplingParams(max_tokens=2), seed=0))
+    out = sim.step()
+    assert out.kind == "prefill" and out.rows[0].start_pos == 20 and out.rows[0].token_ids == [41, 42]
+    assert b.num_cached_tokens == 20
+    sim.run()
+    sim.assert_clean()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operations_keep_invariants(seed):
+    rng = random.Random(seed)
+    # the pool always holds at least one max_model_len sequence (16 blocks of 4), else nothing could finish
+    sim = _Sim(make_sched(num_blocks=rng.choice([18, 20, 40]), max_num_batched_tokens=rng.choice([16, 32, 64]),
+                          max_num_seqs=rng.choice([2, 4, 8]), max_model_len=64))
+    s = sim.s
+    shared = [rng.randrange(3, 900) for _ in range(24)]
+    n = 0
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3:
+            plen = rng.randint(1, 40)
+            prompt = (shared[:rng.choice([0, 8, 16, 24])] + [rng.randrange(3, 900) for _ in range(plen)])[:40]
+            s.add_request(Request(f"q{n}", prompt, SamplingParams(max_tokens=rng.randint(1, 20)), seed=n))
+            n += 1
+        elif op < 0.8:
+            sim.step()
+        elif s.requests:
+            rid = rng.choice(list(s.requests))
+            s.finish(rid, rng.choice(["abort", "stop"]))
+        s.kv.check_invariants()
+        used = {b for rid in s.requests for b in s.kv.block_table(rid)}
+        assert all(s.kv.block_table(r.request_id) == [] for r in s.waiting)
+        assert len(used) <= s.config.cache.num_blocks - 1
+    sim.run()
+    assert sim.finished and all(r.status is Status.FINISHED for r in sim.finished.values())
+    sim.assert_clean()
