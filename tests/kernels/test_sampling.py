@@ -262,3 +262,22 @@ def test_build_rejects_too_many_bias_entries() -> None:
         tensors([p])
     with pytest.raises(ValueError, match="do not fit"):
         tensors([None] * (B + 1))
+
+
+def test_fast_argmax_matches_jnp_argmax_including_ties():
+    from kiln.kernels.sampling import argmax
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 5, (16, 1000)).astype(np.float32))  # many ties
+    x = x.at[3].set(-jnp.inf).at[3, 7].set(0.0)
+    np.testing.assert_array_equal(np.asarray(argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])    # peaked rows close within the candidates, flat ones fall back
+def test_candidate_truncation_equals_full_sort(scale):
+    from kiln.kernels.sampling import TOP_CANDIDATES, apply_top_k_top_p, truncate_top_k_top_p
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(8, 5000)).astype(np.float32) / scale)
+    top_k = jnp.asarray([0, 1, 5, 50, TOP_CANDIDATES, TOP_CANDIDATES + 1, 0, 20], jnp.int32)
+    top_p = jnp.asarray([0.9, 1.0, 0.5, 0.95, 1.0, 0.8, 0.3, 1.0], jnp.float32)
+    fast = jax.jit(truncate_top_k_top_p)(logits, top_k, top_p)
+    full = jax.jit(apply_top_k_top_p)(logits, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(fast)), np.isfinite(np.asarray(full)))
