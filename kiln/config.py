@@ -140,7 +140,12 @@ class EngineConfig:
                **compile_kwargs) -> "EngineConfig":
         mc = ModelConfig(model=model, dtype=dtype)
         resolved = resolve_dtype(dtype, platform)
-        max_len = max_model_len or min(spec.max_position_embeddings, 2048)
+        # kiln attends over the whole context: a sliding-window model is exact only within its window
+        window = spec.sliding_window or spec.max_position_embeddings
+        max_len = max_model_len or min(spec.max_position_embeddings, 2048, window)
+        if max_len > window:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}; kiln does not "
+                             f"implement sliding-window attention, so set --max-model-len {window} or less")
         if max_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{spec.max_position_embeddings}")

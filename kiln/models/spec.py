@@ -43,6 +43,7 @@ class ModelSpec:
     mlp_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    sliding_window: int | None = None  # attention span of Mistral v0.1 / Qwen2 (use_sliding_window) models
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -82,6 +83,9 @@ class ModelSpec:
         if theta is None and isinstance(cfg.get("rope_parameters"), dict):
             theta = cfg["rope_parameters"].get("rope_theta")
         qwen = arch == "Qwen2ForCausalLM"
+        window = cfg.get("sliding_window")
+        if qwen and not cfg.get("use_sliding_window", False):
+            window = None
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -101,4 +105,5 @@ class ModelSpec:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=int(window) if window else None,
         )

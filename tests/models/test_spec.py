@@ -1,0 +1,126 @@
+"""ModelSpec.from_hf_config: every supported architecture, from hand-written config.json dicts (the
+transformers 4.x shape, `rope_theta` / `rope_scaling`) and from configs transformers 5 writes (`rope_parameters`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.models.spec import SUPPORTED_ARCHITECTURES, ModelError, ModelSpec, RopeScaling
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096,
+         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def spec(**overrides) -> ModelSpec:
+    return ModelSpec.from_hf_config({**LLAMA, **overrides})
+
+
+def test_llama_plain():
+    s = spec()
+    assert (s.architecture, s.vocab_size, s.hidden_size, s.intermediate_size, s.num_layers) == \
+        ("LlamaForCausalLM", 1000, 64, 128, 3)
+    assert (s.num_heads, s.num_kv_heads, s.head_dim, s.q_per_kv) == (8, 2, 8, 4)
+    assert (s.rms_norm_eps, s.rope_theta, s.max_position_embeddings) == (1e-5, 500000.0, 4096)
+    assert not s.tie_word_embeddings and not s.attention_bias and not s.o_bias and not s.mlp_bias
+    assert s.rope_scaling is None and s.bos_token_id == 1 and s.eos_token_ids == (2,)
+
+
+def test_llama_attention_bias_is_qkv_and_o():
+    s = spec(attention_bias=True, mlp_bias=True)
+    assert s.attention_bias and s.o_bias and s.mlp_bias
+
+
+def test_head_dim_override():
+    assert spec(head_dim=24).head_dim == 24
+    assert spec(head_dim=None).head_dim == 64 // 8
+
+
+def test_kv_heads_default_to_heads_and_must_divide():
+    cfg = dict(LLAMA)
+    del cfg["num_key_value_heads"]
+    assert ModelSpec.from_hf_config(cfg).num_kv_heads == 8
+    with pytest.raises(ModelError, match="num_key_value_heads=3"):
+        spec(num_key_value_heads=3)
+
+
+def test_llama3_rope_scaling_parsed():
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    assert spec(rope_scaling=rs).rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
+    old_style = {**rs, "type": rs.pop("rope_type")}           # older configs say "type"
+    assert spec(rope_scaling=old_style).rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert spec(rope_scaling={"rope_type": "default"}).rope_scaling is None
+
+
+def test_unsupported_rope_scaling_rejected():
+    with pytest.raises(ModelError, match="unsupported rope_scaling type 'yarn'"):
+        spec(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_eos_list_and_missing():
+    assert spec(eos_token_id=[2, 7]).eos_token_ids == (2, 7)
+    assert spec(eos_token_id=None).eos_token_ids == ()
+
+
+def test_mistral():
+    s = spec(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    assert s.architecture == "MistralForCausalLM" and s.num_kv_heads == 2
+    assert not s.attention_bias and not s.o_bias
+
+
+def test_qwen2_has_qkv_bias_but_no_o_bias():
+    s = spec(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True)
+    assert s.architecture == "Qwen2ForCausalLM" and s.tie_word_embeddings
+    assert s.attention_bias and not s.o_bias
+
+
+def test_architecture_from_model_type_when_architectures_missing():
+    for model_type, arch in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                             ("qwen2", "Qwen2ForCausalLM")):
+        cfg = {**LLAMA, "model_type": model_type}
+        del cfg["architectures"]
+        assert ModelSpec.from_hf_config(cfg).architecture == arch
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Qwen3ForCausalLM"])
+def test_unknown_architecture_named_with_supported_list(arch):
+    with pytest.raises(ModelError) as e:
+        spec(architectures=[arch])
+    msg = str(e.value)
+    assert arch in msg and "\n" not in msg
+    for supported in SUPPORTED_ARCHITECTURES:
+        assert supported in msg
+
+
+def test_no_architecture_at_all():
+    with pytest.raises(ModelError, match="unsupported architecture 'gpt2'"):
+        ModelSpec.from_hf_config({"model_type": "gpt2", "vocab_size": 10})
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-tied", "mistral", "qwen2"])
+def test_configs_written_by_transformers(variant, tmp_path):
+    """transformers 5 writes `rope_parameters` (theta and scaling together); every field must come through."""
+    from tests.tiny import VARIANTS, build_tiny_model
+
+    model = build_tiny_model(variant)
+    model.config.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    s = ModelSpec.from_hf_config(cfg)
+    hf = model.config
+    assert s.architecture == type(model).__name__
+    assert (s.vocab_size, s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads) == \
+        (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
+    assert s.head_dim == model.model.layers[0].self_attn.head_dim
+    assert s.rope_theta == hf.rope_parameters["rope_theta"]
+    assert s.tie_word_embeddings == VARIANTS[variant][1]["tie_word_embeddings"]
+    has_o_bias = model.model.layers[0].self_attn.o_proj.bias is not None
+    has_q_bias = model.model.layers[0].self_attn.q_proj.bias is not None
+    assert (s.attention_bias, s.o_bias) == (has_q_bias, has_o_bias)
+    if variant == "llama-gqa":
+        assert s.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
+        assert s.head_dim == 24 != s.hidden_size // s.num_heads
+    else:
+        assert s.rope_scaling is None
