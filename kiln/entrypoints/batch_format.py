@@ -1,0 +1,326 @@
+"""The OpenAI batch file format, both ways, as pure functions (no engine, no I/O; `batch.py` runs the job).
+
+    input line  {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+        ── parse_jsonl_line ──> BatchRequest(prompt or messages, SamplingParams)   or LineError(code, message)
+    RequestOutput ── ok_record ──> {"id", "custom_id", "response": {"status_code": 200, "body": ...}, "error": null}
+    LineError     ── error_record ──> {"id", "custom_id", "response": {"status_code": 400, "body": {"error"}}, "error"}
+
+Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
+min_tokens, stop_token_ids, ...). Unknown fields are ignored, as vLLM does; fields that would change the answer
+in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. `model` is accepted and
+ignored: every line goes to the one model the job serves, whose name the response carries.
+
+Every record's `id` is `batch_req_<job>_<line>`: the input line number it answers is part of the id, so that
+`--resume` can match records to lines exactly even where custom_ids repeat or are missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable
+
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+URLS = (CHAT_URL, COMPLETIONS_URL)
+MIN_LOGPROB = -9999.0        # -inf is not JSON; vLLM clamps the same way
+
+
+class LineError(Exception):
+    """One input line that cannot be served; becomes that line's error record."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.custom_id = code, message, custom_id
+
+
+@dataclasses.dataclass
+class BatchRequest:
+    lineno: int                                 # 1-based line number in the input
+    custom_id: str
+    url: str                                    # CHAT_URL or COMPLETIONS_URL
+    prompt: str | list[int] | list[dict[str, str]]   # completion text / token ids, or chat messages
+    params: SamplingParams
+    echo: bool = False                          # completions: put the prompt text before the completion
+
+
+# -- input ----------------------------------------------------------------------------------------
+def parse_text_line(text: str, lineno: int, params: SamplingParams) -> BatchRequest:
+    """A line of a plain prompt file: a completion request with the job's sampling params, id `line-N`."""
+    return BatchRequest(lineno, f"line-{lineno}", COMPLETIONS_URL, text, params)
+
+
+def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None) -> BatchRequest:
+    """One OpenAI batch input line -> BatchRequest. Raises LineError (with the custom_id when it was read).
+
+    `seen` holds the custom_ids of earlier lines; a repeat is an error (the first line with an id is served).
+    """
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise LineError("invalid_json", f"line {lineno} is not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise LineError("invalid_json", f"line {lineno} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise LineError("invalid_json", f"line {lineno} is a JSON {type(obj).__name__}, not an object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise LineError("missing_custom_id", f"line {lineno}: custom_id must be a non-empty string, got {cid!r}")
+    if seen is not None:
+        if cid in seen:
+            raise LineError("duplicate_custom_id", f"custom_id {cid!r} is used by an earlier line; "
+                                                   f"each request needs its own", cid)
+        seen.add(cid)
+    try:
+        method = obj.get("method", "POST")
+        if method != "POST":
+            raise LineError("invalid_method", f"method must be POST, got {method!r}")
+        url = obj.get("url")
+        if url not in URLS:
+            raise LineError("invalid_url", f"url must be one of {', '.join(URLS)}, got {url!r}")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise LineError("invalid_request", f"body must be a JSON object, got {_kind(body)}")
+        if url == CHAT_URL:
+            prompt, params, echo = _chat_messages(body), chat_params(body), False
+        else:
+            prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
+            if echo and params.logprobs is not None:
+                raise LineError("invalid_request", "echo together with logprobs is not supported")
+        return BatchRequest(lineno, cid, url, prompt, params, echo)
+    except LineError as e:
+        e.custom_id = cid
+        raise
+    except ValueError as e:          # SamplingParams' own validation: its message names the field
+        raise LineError("invalid_request", str(e), cid) from None
+
+
+def _kind(v: Any) -> str:
+    return "nothing" if v is None else f"a {type(v).__name__}"
+
+
+def _chat_messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise LineError("invalid_request", f"messages must be a non-empty list, got {_kind(msgs)}")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise LineError("invalid_request", f"messages[{i}] must be an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):    # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise LineError("invalid_request", f"messages[{i}].content: only text parts are supported")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise LineError("invalid_request", f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _completion_prompt(body: dict) -> str | list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]                          # a batch of one prompt
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p                          # token ids
+    if isinstance(p, list) and len(p) > 1:
+        raise LineError("invalid_request", f"prompt holds {len(p)} prompts; send one prompt per batch line")
+    raise LineError("invalid_request", f"prompt must be a string or a list of token ids, got {_kind(p)}")
+
+
+def _number(body: dict, key: str, kind: type, default: Any) -> Any:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise LineError("invalid_request", f"{key} must be a number, got {v!r}")
+    if kind is int:
+        if not float(v).is_integer():
+            raise LineError("invalid_request", f"{key} must be an integer, got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise LineError("invalid_request", f"{key} must be true or false, got {v!r}")
+    return v
+
+
+def _reject_unsupported(body: dict) -> None:
+    if body.get("stream"):
+        raise LineError("invalid_request", "stream is not supported in a batch job")
+    for key in ("tools", "functions", "suffix", "prompt_logprobs"):
+        if body.get(key):
+            raise LineError("invalid_request", f"{key} is not supported")
+    if body.get("use_beam_search"):
+        raise LineError("invalid_request", "use_beam_search is not supported")
+    rf = body.get("response_format")
+    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise LineError("invalid_request", "response_format other than text is not supported")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise LineError("invalid_request", "best_of other than n is not supported")
+
+
+def _common_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    _reject_unsupported(body)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise LineError("invalid_request", f"stop must be a string or a list of strings, got {stop!r}")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not (isinstance(stop_ids, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
+        raise LineError("invalid_request", f"stop_token_ids must be a list of token ids, got {stop_ids!r}")
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise LineError("invalid_request", f"logit_bias must be an object of token id -> bias, got {bias!r}")
+        try:
+            bias = {int(k): float(v) for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise LineError("invalid_request", "logit_bias keys must be token ids and values numbers") from None
+    return SamplingParams(
+        n=_number(body, "n", int, 1),
+        presence_penalty=_number(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", float, 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", float, 1.0),
+        temperature=_number(body, "temperature", float, 1.0),
+        top_p=_number(body, "top_p", float, 1.0),
+        top_k=_number(body, "top_k", int, 0),
+        min_p=_number(body, "min_p", float, 0.0),
+        seed=_number(body, "seed", int, None),
+        stop=stop, stop_token_ids=stop_ids,
+        ignore_eos=_flag(body, "ignore_eos", False),
+        max_tokens=max_tokens,
+        min_tokens=_number(body, "min_tokens", int, 0),
+        logprobs=logprobs, logit_bias=bias,
+        include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
+        skip_special_tokens=_flag(body, "skip_special_tokens", True),
+    )
+
+
+def chat_params(body: dict) -> SamplingParams:
+    """SamplingParams of a /v1/chat/completions body. max_completion_tokens wins over max_tokens; neither
+    means "until the context is full"; `logprobs: true` + `top_logprobs: k` asks for k alternatives."""
+    max_tokens = _number(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", int, None)
+    want = _flag(body, "logprobs", False)
+    top = _number(body, "top_logprobs", int, None)
+    if top is not None and not want:
+        raise LineError("invalid_request", "top_logprobs needs logprobs set to true")
+    return _common_params(body, max_tokens, (top or 0) if want else None)
+
+
+def completion_params(body: dict) -> SamplingParams:
+    """SamplingParams of a /v1/completions body: max_tokens defaults to 16, logprobs is a count."""
+    v = body.get("logprobs")
+    if isinstance(v, bool):
+        raise LineError("invalid_request", f"logprobs must be an integer for {COMPLETIONS_URL}, got {v!r}")
+    return _common_params(body, _number(body, "max_tokens", int, 16), _number(body, "logprobs", int, None))
+
+
+# -- output ---------------------------------------------------------------------------------------
+def record_id(job: str, lineno: int) -> str:
+    return f"batch_req_{job}_{lineno}"
+
+
+def lineno_of(record: dict) -> int | None:
+    """The input line a record answers (from its id), or None if the record is not one of ours."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(rid, str) or not rid.startswith("batch_req_"):
+        return None
+    tail = rid.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _lp(x: float) -> float:
+    return MIN_LOGPROB if math.isnan(x) else max(x, MIN_LOGPROB)
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of one position (the entry also holds the sampled token)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+                  decode: Callable[[int], str]) -> dict:
+    def item(t: int, lp: float) -> dict:
+        s = decode(t)
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
+    return {"content": [dict(item(t, e[t]), top_logprobs=[item(a, b) for a, b in _top(e, k)])
+                        for t, e in zip(token_ids, logprobs)]}
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+                        decode: Callable[[int], str], offset: int = 0) -> dict:
+    tokens, offsets = [], []
+    for t in token_ids:
+        offsets.append(offset)
+        tokens.append(decode(t))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [_lp(e[t]) for t, e in zip(token_ids, logprobs)],
+            "top_logprobs": [{decode(a): _lp(b) for a, b in _top(e, k)} for e in logprobs],
+            "text_offset": offsets}
+
+
+def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id: str, created: int,
+                  decode: Callable[[int], str]) -> dict:
+    """The chat.completion / text_completion object of one finished request."""
+    chat = req.url == CHAT_URL
+    k = req.params.logprobs
+    prefix = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+    choices = []
+    for c in out.outputs:
+        lp = None
+        if k is not None and c.logprobs is not None:
+            lp = chat_logprobs(c.token_ids, c.logprobs, k, decode) if chat else \
+                completion_logprobs(c.token_ids, c.logprobs, k, decode)
+        choice: dict[str, Any] = {"index": c.index}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = prefix + c.text
+        choice.update(logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        choices.append(choice)
+    n_in, n_out = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
+    return {"id": body_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+
+def ok_record(rec_id: str, custom_id: str, request_id: str, body: dict) -> dict:
+    return {"id": rec_id, "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def error_record(rec_id: str, custom_id: str | None, request_id: str, code: str, message: str,
+                 status_code: int = 400) -> dict:
+    """A failed line: the HTTP-style error in `response` (as the OpenAI API returns it) and the same code
+    and message in `error`, so that `record["error"] is None` alone tells success from failure."""
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
+    return {"id": rec_id, "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": request_id,
+                         "body": {"error": {"message": message, "type": kind, "param": None, "code": code}}},
+            "error": {"code": code, "message": message}}
+
+
+def dumps(record: dict) -> bytes:
+    """One output line: compact JSON, strict (no NaN), newline-terminated."""
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode()
