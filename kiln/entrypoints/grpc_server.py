@@ -6,6 +6,8 @@
               --max-queued, UNAVAILABLE while draining) ─> AsyncEngine.generate ─> per-sample deltas streamed
               client cancel / disconnect / deadline ─> the engine stream is closed ─> abort ─> blocks freed
     SIGTERM: health NOT_SERVING, refuse new requests, let in-flight ones finish for --drain-seconds, exit 0
+    --http-port: the OpenAI-compatible HTTP API (http_server.py) runs in the same loop over the same engine,
+    sharing readiness, draining, admission, the API key and the metrics registry
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError
 from kiln.engine.outputs import CompletionOutput, RequestOutput
 from kiln.engine.sampling_params import SamplingParams
-from kiln.entrypoints.metrics import ServerMetrics
+from kiln.entrypoints.metrics import RequestObserver, ServerMetrics
 from kiln.proto import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable w
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
-    port: int = 50051                     # 0: any free port
+    port: int | None = 50051              # 0: any free port; None: no gRPC (HTTP only)
     max_queued: int = 64                  # requests allowed to wait beyond the running batch
     drain_seconds: float = 30.0           # SIGTERM: how long in-flight requests may take to finish
     api_key: str | None = None            # require `authorization: Bearer <key>` on kiln.v1 calls
@@ -48,8 +50,12 @@ class ServeOptions:
     tls_key: str | None = None
     metrics_port: int | None = None       # serve Prometheus /metrics there (0: any free port)
     max_message_bytes: int = 16 * 2**20
+    http_port: int | None = None          # also serve the OpenAI-compatible HTTP API there (0: any free port)
+    served_model_name: str | None = None  # the name GetModelInfo and /v1/models report (default: --model)
 
     def __post_init__(self):
+        if self.port is None and self.http_port is None:
+            raise ValueError("--no-grpc needs --http-port: there would be nothing to serve")
         if self.max_queued < 0:
             raise ValueError(f"--max-queued must be >= 0, got {self.max_queued}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -185,17 +191,25 @@ class InferenceServicer:
             await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, "the engine is still warming up")
         return self.engine
 
-    async def _admit(self, context, method: str) -> None:
+    def admission_error(self) -> tuple[grpc.StatusCode, str] | None:
+        """Why a new request cannot be admitted now (draining, or --max-queued reached), or None.
+
+        The one admission rule of the process: the HTTP server asks the same question."""
         if self.draining:
-            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE,
-                             "the server is draining (shutting down); retry on another replica")
+            return grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down); retry on another replica"
         sched = self.engine.engine.config.scheduler
         waiting = self.engine.num_pending - sched.max_num_seqs
         if waiting >= self.opts.max_queued:
-            await self._fail(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"server is at capacity: {self.engine.num_pending} requests in flight, "
-                             f"{max(waiting, 0)} waiting; max_num_seqs is {sched.max_num_seqs} and "
-                             f"--max-queued is {self.opts.max_queued}")
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"server is at capacity: {self.engine.num_pending} requests in flight, "
+                f"{max(waiting, 0)} waiting; max_num_seqs is {sched.max_num_seqs} and "
+                f"--max-queued is {self.opts.max_queued}")
+        return None
+
+    async def _admit(self, context, method: str) -> None:
+        err = self.admission_error()
+        if err is not None:
+            await self._fail(context, method, *err)
 
     def _parse(self, request: pb.GenerateRequest):
         params = sampling_params_from_proto(request.sampling_params)
@@ -215,27 +229,17 @@ class InferenceServicer:
         if rid in self.requests:
             await self._fail(context, method, grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         await self._admit(context, method)
-        t0 = last = time.perf_counter()
-        status, out, n_tokens = grpc.StatusCode.OK, None, 0
+        t0 = time.perf_counter()
+        status, out, observe = grpc.StatusCode.OK, None, RequestObserver(self.metrics)
         self.requests.add(rid)
         try:
             async with contextlib.aclosing(engine.generate(prompt, params, rid)) as stream, \
                     asyncio.timeout(context.time_remaining()):
                 async for out in stream:
-                    now = time.perf_counter()
-                    if n_tokens == 0 and any(c.token_ids for c in out.outputs):
-                        self.metrics.ttft.observe(now - t0)
-                    elif n_tokens:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-                    total = sum(len(c.token_ids) for c in out.outputs)
-                    if n_tokens == 0:
-                        self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
-                    self.metrics.generation_tokens.inc(total - n_tokens)
-                    n_tokens = total
+                    observe(out)
                     if on_output is not None:
                         await on_output(out, params)
-            self.metrics.e2e.observe(time.perf_counter() - t0)
+            observe.finish()
             return out
         except ValueError as e:   # validation (prompt length, token ids, ...): raised before any output
             status = grpc.StatusCode.INVALID_ARGUMENT
@@ -410,9 +414,14 @@ class KilnServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
 
-    async def start(self) -> int:
-        """Bind and start serving (health NOT_SERVING until `attach` + `warmup`); returns the bound port."""
+    async def start(self) -> int | None:
+        """Bind and start serving (health NOT_SERVING until `attach` + `warmup`); returns the bound port
+        (None when `port` is None: no gRPC, only the state the HTTP server shares)."""
         opts = self.opts
+        if opts.port is None:
+            if opts.metrics_port is not None:
+                self.metrics_port = self.metrics.start_http(opts.metrics_port, opts.host)
+            return None
         interceptors = [_AuthInterceptor(opts.api_key, self.metrics)] if opts.api_key else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", opts.max_message_bytes),
@@ -462,7 +471,8 @@ class KilnServer:
             self.servicer.engine.abort(rid)
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self.server.stop(grace)
+        if self.server is not None:
+            await self.server.stop(grace)
         self.metrics.stop_http()
 
     async def _set_health(self, status) -> None:
@@ -477,9 +487,11 @@ def options_from_args(a) -> ServeOptions:
         key = Path(a.api_key_file).read_text().strip()
         if not key:
             raise ValueError(f"--api-key-file {a.api_key_file} is empty")
-    return ServeOptions(host=a.host, port=a.port, max_queued=a.max_queued, drain_seconds=a.drain_seconds,
+    return ServeOptions(host=a.host, max_queued=a.max_queued, drain_seconds=a.drain_seconds,
                         api_key=key or None, tls_cert=a.tls_cert, tls_key=a.tls_key, metrics_port=a.metrics_port,
-                        max_message_bytes=int(a.max_message_mb * 2**20))
+                        max_message_bytes=int(a.max_message_mb * 2**20),
+                        port=None if a.no_grpc else a.port, http_port=a.http_port,
+                        served_model_name=a.served_model_name)
 
 
 async def serve(opts: ServeOptions, engine_kwargs: dict) -> int:
@@ -491,13 +503,19 @@ async def serve(opts: ServeOptions, engine_kwargs: dict) -> int:
         loop.add_signal_handler(sig, stop.set)
     server = KilnServer(opts)
     port = await server.start()
-    log.info("listening on %s:%d%s", opts.host, port, " (TLS)" if opts.tls_cert else "")
+    if port is not None:
+        log.info("listening on %s:%d%s", opts.host, port, " (TLS)" if opts.tls_cert else "")
+    http = None
+    if opts.http_port is not None:
+        from kiln.entrypoints.http_server import HttpServer
+        http = HttpServer(server)
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", opts.host, await http.start())
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", opts.host, server.metrics_port)
     t0 = time.perf_counter()
     engine = AsyncEngine(await loop.run_in_executor(None, lambda: build_engine(**engine_kwargs)))
     try:
-        server.attach(engine, engine_kwargs.get("model", ""))
+        server.attach(engine, opts.served_model_name or engine_kwargs.get("model", ""))
         if not stop.is_set():
             await server.warmup()
             log.info("ready (engine built and warm in %.1fs)", time.perf_counter() - t0)
@@ -505,6 +523,8 @@ async def serve(opts: ServeOptions, engine_kwargs: dict) -> int:
         log.info("draining: refusing new requests, waiting up to %.0fs for %d in flight",
                  opts.drain_seconds, len(server.servicer.requests))
         await server.drain(opts.drain_seconds)
+        if http is not None:
+            await http.stop()
         await server.stop()
         log.info("stopped")
     finally:
@@ -516,13 +536,21 @@ def add_serve_args(p) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s; 0 = any free port)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on this port, same host (0 = any free port)")
+    g.add_argument("--no-grpc", action="store_true", help="serve only the HTTP API (needs --http-port)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name reported by GetModelInfo and /v1/models and expected in HTTP requests' "
+                        "`model` (default: the --model value)")
     g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     g.add_argument("--max-queued", type=int, default=64,
-                   help="requests allowed to wait beyond the running batch; more get RESOURCE_EXHAUSTED "
+                   help="requests allowed to wait beyond the running batch; more get RESOURCE_EXHAUSTED (HTTP 429) "
                         "(default: %(default)s)")
     g.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)")
-    g.add_argument("--api-key", default=None, help="require metadata 'authorization: Bearer <key>'")
+    g.add_argument("--api-key", default=None, help="require 'authorization: Bearer <key>' (gRPC metadata and "
+                                                    "HTTP header of /v1/* calls)")
     g.add_argument("--api-key-file", default=None, help="read the API key from this file")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     g.add_argument("--tls-key", default=None, help="PEM private key")

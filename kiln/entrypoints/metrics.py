@@ -6,6 +6,7 @@ custom collector, so they are never stale and cost nothing between scrapes.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -52,7 +53,8 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict | None] = lambda: None, pending: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("kiln_requests", "Finished RPCs by method and gRPC status",
+        self.requests = Counter("kiln_requests", "Finished requests by method (gRPC method or HTTP path) and status "
+                                "(gRPC status name or HTTP status code)",
                                 ["method", "status"], registry=r)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "Request received to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -75,3 +77,31 @@ class ServerMetrics:
             self.http_server.shutdown()
             self.http_server.server_close()
             self.http_server = None
+
+
+class RequestObserver:
+    """Feeds one request's cumulative outputs into a server's latency and token metrics.
+
+    Call it with every RequestOutput as it arrives, and `finish()` once the request ended normally.
+    """
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.t0 = self.last = time.perf_counter()
+        self.n_tokens = 0
+
+    def __call__(self, out) -> None:
+        m, now = self.metrics, time.perf_counter()
+        if self.n_tokens == 0 and any(c.token_ids for c in out.outputs):
+            m.ttft.observe(now - self.t0)
+        elif self.n_tokens:
+            m.itl.observe(now - self.last)
+        self.last = now
+        total = sum(len(c.token_ids) for c in out.outputs)
+        if self.n_tokens == 0:
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.generation_tokens.inc(total - self.n_tokens)
+        self.n_tokens = total
+
+    def finish(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.t0)
