@@ -26,11 +26,15 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) ->
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x: [..., S, H, D] rotated by positions [..., S]."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin for positions [..., S]: [..., S, 1, D], computed once per step and shared by every layer."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [..., S, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]          # [..., S, 1, D]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [..., S, H, D] rotated by the tables of `rope_tables`."""
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)  # [..., S, H, D]

@@ -175,45 +175,52 @@ def draw(logits: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.Array:
                      token, argmax(logits)).astype(jnp.int32)  # [B]
 
 
-def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0) -> SampleOutput:
+def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0,
+           want_logprobs: jax.Array | bool = True) -> SampleOutput:
     """Sample one token per row of `logits` [B, V] under the per-row parameters `t`.
 
     `num_logprobs` (static) is how many top logprobs to return per row; 0 skips the top-k entirely.
+    `want_logprobs` (a traced bool) False skips the sampled tokens' logprobs (returned as 0).
+    A batch of plain greedy rows (no penalty, bias or min_tokens) takes only the argmax.
     """
     logits = logits.astype(jnp.float32)  # [B, V]
     batch, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-
-    logits = _scatter_rows(logits, t.bias_ids, t.bias_values, op="add")  # [B, V]
-    stop_ids = jnp.where(t.min_tokens_active[:, None], t.stop_ids, -1)  # [B, NS]
-    logits = _scatter_rows(logits, stop_ids, jnp.full(stop_ids.shape, -jnp.inf), op="set")  # [B, V]
+    is_greedy = t.temperature < GREEDY_TEMPERATURE_EPS  # [B]
     any_penalty = jnp.any(
         (t.repetition_penalty != 1.0) | (t.frequency_penalty != 0.0) | (t.presence_penalty != 0.0)
     )
-    logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)  # [B, V]
-    greedy_tokens = argmax(logits)  # [B]
+    plain = jnp.all(is_greedy) & ~any_penalty & jnp.all(t.bias_ids < 0) & ~jnp.any(t.min_tokens_active)
 
-    is_greedy = t.temperature < GREEDY_TEMPERATURE_EPS  # [B]
+    def processed_tokens(logits):
+        logits = _scatter_rows(logits, t.bias_ids, t.bias_values, op="add")  # [B, V]
+        stop_ids = jnp.where(t.min_tokens_active[:, None], t.stop_ids, -1)  # [B, NS]
+        logits = _scatter_rows(logits, stop_ids, jnp.full(stop_ids.shape, -jnp.inf), op="set")  # [B, V]
+        logits = jax.lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, t)  # [B, V]
+        greedy_tokens = argmax(logits)  # [B]
 
-    def random_tokens(logits):
-        temperature = jnp.where(is_greedy, 1.0, t.temperature)  # [B]
-        scaled = logits / temperature[:, None]  # [B, V]
-        min_p = jnp.where(is_greedy, 0.0, t.min_p)  # [B]
-        scaled = jax.lax.cond(jnp.any(min_p > 0.0), apply_min_p, lambda x, _: x, scaled, min_p)  # [B, V]
-        top_k = jnp.where(is_greedy, 0, t.top_k)  # [B]
-        top_p = jnp.where(is_greedy, 1.0, t.top_p)  # [B]
-        needs_sort = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
-        scaled = jax.lax.cond(
-            needs_sort, truncate_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p
-        )  # [B, V]
-        return jnp.where(is_greedy, greedy_tokens, draw(scaled, t.seeds, t.steps))  # [B]
+        def random_tokens(logits):
+            temperature = jnp.where(is_greedy, 1.0, t.temperature)  # [B]
+            scaled = logits / temperature[:, None]  # [B, V]
+            min_p = jnp.where(is_greedy, 0.0, t.min_p)  # [B]
+            scaled = jax.lax.cond(jnp.any(min_p > 0.0), apply_min_p, lambda x, _: x, scaled, min_p)  # [B, V]
+            top_k = jnp.where(is_greedy, 0, t.top_k)  # [B]
+            top_p = jnp.where(is_greedy, 1.0, t.top_p)  # [B]
+            needs_sort = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+            scaled = jax.lax.cond(
+                needs_sort, truncate_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p
+            )  # [B, V]
+            return jnp.where(is_greedy, greedy_tokens, draw(scaled, t.seeds, t.steps))  # [B]
 
-    # an all-greedy batch draws no random numbers at all
-    tokens = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, random_tokens, logits)  # [B]
+        # an all-greedy batch draws no random numbers at all
+        return jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, random_tokens, logits)  # [B]
 
-    token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
+    tokens = jax.lax.cond(plain, argmax, processed_tokens, logits)  # [B]
+    token_logprobs = jax.lax.cond(
+        want_logprobs,
+        lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1),
+        lambda x: jnp.zeros((batch,), jnp.float32), logits)  # [B] under the raw logits
     if num_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)  # [B, K], [B, K]
+        top_logprobs, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), num_logprobs)  # [B, K]
         top_ids = top_ids.astype(jnp.int32)  # [B, K]
     else:
         top_logprobs = jnp.zeros((batch, 0), jnp.float32)  # [B, 0]

@@ -85,8 +85,8 @@ def test_padding_rows_and_tokens_do_not_change_real_rows(setup):
     for i in range(3):
         t1, lp1, top1 = _run(alone, [i])
         assert t1[i] == toks[i], f"request {i}: alone {t1[i]} != batched {toks[i]}"
-        np.testing.assert_allclose(lp1[i], lps[i], atol=1e-4)
-        if REQS[i][2].logprobs is not None:
+        if REQS[i][2].logprobs is not None:     # logprobs are computed when some row of the step asks
+            np.testing.assert_allclose(lp1[i], lps[i], atol=1e-4)
             for a, b in zip(top1[i], tops[i]):
                 assert [t for t, _ in a[:3]] == [t for t, _ in b[:3]]
                 np.testing.assert_allclose([v for _, v in a[:3]], [v for _, v in b[:3]], atol=1e-4)

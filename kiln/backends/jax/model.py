@@ -14,7 +14,7 @@ import numpy as np
 
 from kiln.kernels.attention import paged_attention, write_kv
 from kiln.kernels.norms import rms_norm
-from kiln.kernels.rope import apply_rope, inv_frequencies
+from kiln.kernels.rope import apply_rope, inv_frequencies, rope_tables
 from kiln.models.spec import ModelError, ModelSpec
 
 Params = dict[str, Any]
@@ -108,6 +108,7 @@ def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Ar
     B, T = tokens.shape
     H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
     inv_freq = jnp.asarray(inv_frequencies(Dh, spec.rope_theta, spec.rope_scaling))
+    cos, sin = rope_tables(positions, inv_freq)                            # [B, T, 1, Dh] each
     x = params["embed"][tokens]                                            # [B, T, D]
 
     def body(x, layer_and_weights):
@@ -117,7 +118,7 @@ def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Ar
         q = qkv[..., :H * Dh].reshape(B, T, H, Dh)                         # [B, T, H, Dh]
         k = qkv[..., H * Dh:(H + KVH) * Dh].reshape(B, T, KVH, Dh)         # [B, T, KVH, Dh]
         v = qkv[..., (H + KVH) * Dh:].reshape(B, T, KVH, Dh)               # [B, T, KVH, Dh]
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         a = attend(q, k, v, k_cache, v_cache, layer)                       # [B, T, H, Dh]
         x = x + _linear(a.reshape(B, T, H * Dh), lw["wo"], lw.get("bo"))   # [B, T, D]
         h = rms_norm(x, lw["ln2"], spec.rms_norm_eps)

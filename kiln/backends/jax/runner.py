@@ -49,7 +49,7 @@ class GraphKey:
 
 def _sample_with_top(logits, st: SamplingTensors, want_top):
     """Sample, and the top-MAX_LOGPROBS logprobs only when some row asked (want_top: scalar bool)."""
-    out = sample(logits, st, num_logprobs=0)                              # [B] tokens and logprobs
+    out = sample(logits, st, num_logprobs=0, want_logprobs=want_top)     # [B] tokens and logprobs
     B = logits.shape[0]
     top_lp, top_ids = jax.lax.cond(
         want_top, lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), MAX_LOGPROBS)),
