@@ -78,7 +78,7 @@ class GrpcBackend:
                     r.prompt_tokens = d.usage.prompt_tokens
             r.e2e, r.ok = time.perf_counter() - t0, r.output_tokens > 0
         except Exception as e:   # noqa: BLE001 - any failure is one failed request
-            r.error = f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"
+            r.error = f"{type(e).__name__}: {e.details() if hasattr(e, 'details') else e}"
         return r
 
     async def close(self):

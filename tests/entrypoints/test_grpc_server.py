@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
+from tests.entrypoints.idle import wait_idle
 from kiln.entrypoints.client import KilnClient
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.proto import inference_pb2 as pb
@@ -117,16 +118,6 @@ def server(engine):
     s.close()
 
 
-def _wait_idle(engine: AsyncEngine, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = engine.stats()
-        if engine.num_pending == 0 and st["blocks_used"] == 0:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle: {engine.num_pending} pending, stats {engine.stats()}")
-
-
 def test_concurrent_streams_match_llm_generate(server, engine):
     def run(i):
         with KilnClient(server.target) as c:
@@ -145,7 +136,7 @@ def test_concurrent_streams_match_llm_generate(server, engine):
         assert last.finish_reason == ref.finish_reason
         assert last.HasField("usage") and last.usage.completion_tokens == len(ref.token_ids)
         assert last.usage.prompt_tokens > 0
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_unary_tokenize_info_and_logprobs(server, engine):
@@ -169,7 +160,7 @@ def test_unary_tokenize_info_and_logprobs(server, engine):
             assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob for lp in lps)
             assert mine[-1].finish_reason == "length"
         assert deltas[-1].HasField("usage") and deltas[-1].usage.completion_tokens == 8
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def _bad_requests(vocab: int):
@@ -210,7 +201,7 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server, engine):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in e.value.details()
         out = c.generate_unary(PROMPTS[0], temperature=0.0, max_tokens=MAX_TOKENS)
         assert out.completions[0].text == engine.references[0].text
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_kiln_client_cli_streams_to_stdout(server, engine, capsys):
@@ -225,7 +216,7 @@ def test_deadline_aborts_and_frees_blocks(server, engine):
         with pytest.raises(grpc.RpcError) as e:
             list(c.generate(PROMPTS[2], temperature=0.0, max_tokens=400, ignore_eos=True, timeout=1.0))
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_burst_cancel_and_metrics(engine):
@@ -261,7 +252,7 @@ def test_burst_cancel_and_metrics(engine):
             results = [f.result(120) for f in futs]
         assert [r[0] for r in results] == ["cancelled"] * 10 + ["length"] * 22
         assert all(len(r[1]) == 64 for r in results[10:])
-        st = _wait_idle(engine)
+        st = wait_idle(engine)
         assert st["blocks_used"] == 0 and st["blocks_free"] == engine.engine.config.cache.num_blocks - 1
         deadline = time.monotonic() + 10
         while True:   # the cancelled handlers record their status as their tasks unwind

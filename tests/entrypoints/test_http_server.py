@@ -24,6 +24,7 @@ import pytest
 from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
+from tests.entrypoints.idle import wait_idle
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.entrypoints.http_server import HttpServer, param_of
 
@@ -107,16 +108,6 @@ def server(engine):
     s.close()
 
 
-def _wait_idle(engine: AsyncEngine, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = engine.stats()
-        if engine.num_pending == 0 and st["blocks_used"] == 0:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle: {engine.num_pending} pending, stats {engine.stats()}")
-
-
 def test_completions_match_engine(server, engine):
     c = server.client()
     r = c.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0)
@@ -140,7 +131,7 @@ def test_completions_match_engine(server, engine):
     for got, tok, entry in zip(lp.token_logprobs, ref.token_ids, ref.logprobs):
         assert got == pytest.approx(entry[tok], abs=1e-4)
     assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_completions_stream_stop_and_usage(server, engine):
@@ -169,7 +160,7 @@ def test_completions_stream_stop_and_usage(server, engine):
         for ch in chunk.choices:
             texts[ch.index] += ch.text
     assert texts == {0: engine.refs[2].text, 1: engine.refs[2].text}
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_chat_completions(server, engine):
@@ -198,7 +189,7 @@ def test_chat_completions(server, engine):
     assert text == ref.text and roles == ["assistant"] and usage.completion_tokens == len(ref.token_ids)
     models = c.models.list().data
     assert [mo.id for mo in models] == [MODEL]
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_errors_are_openai_shaped_and_server_keeps_serving(server, engine):
@@ -242,7 +233,7 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(server, engine):
         server.client("wrong").models.list()
     r = c.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
     assert r.choices[0].text == engine.refs[0].text
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_param_of():
@@ -270,7 +261,7 @@ def test_queue_full_429_and_aborted_streams_free_blocks(engine):
         assert engine.stats()["blocks_used"] > 0
         for st in streams:
             st.close()
-        st = _wait_idle(engine)
+        st = wait_idle(engine)
         assert st["blocks_used"] == 0 and st["blocks_free"] == engine.engine.config.cache.num_blocks - 1
         code, text = s.get("/metrics")
         assert code == 200 and "kiln_kv_blocks_used 0.0" in text
