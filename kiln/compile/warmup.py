@@ -1,6 +1,6 @@
 """Warmup: build every planned graph before serving, from the graph cache where possible, then arm the guard.
 
-    required buckets (hold every admissible step)  ─┐
+    required buckets (hold every admissible step)  ─┐   (+ the sampler graphs of every batch size)
     other buckets in strategy order, while the      ├─> runner.load_or_compile, `compile_workers` at once
       prefill / decode graph budgets last          ─┘     [Warmup][Prompt][3/24] batch_size:4 seq_len:512 ...
     ─> summary (graphs, hits, compile seconds, graph memory, KV memory) ─> guard.arm()
@@ -41,7 +41,8 @@ def _family(runner, kind: str, buckets: list[tuple[int, int]], required: list[tu
     ordered = [b for b in required if b in buckets] + [b for b in order_buckets(buckets, strategy) if b not in required]
     keys = [GraphKey(kind, b, s) for b, s in ordered]
     n_required = sum(b in buckets for b in required)
-    label, size_name = ("Prompt", "seq_len") if kind == "prefill" else ("Decode", "num_blocks")
+    label, size_name = {"prefill": ("Prompt", "seq_len"), "decode": ("Decode", "num_blocks"),
+                        "sample": ("Sampler", "general")}[kind]
     report.planned += len(keys)
     workers = max(1, runner.config.compile.compile_workers)
 
@@ -83,13 +84,16 @@ def warmup(runner, check_only: bool = False, show_progress: bool = True) -> Warm
     req_prefill, req_decode = plan.required_buckets()
     log.info("Generated %d prompt buckets: %s", len(prefill), prefill)
     log.info("Generated %d decode buckets: %s", len(decode), decode)
+    samplers = [(b, general) for b in sorted(set(plan.prompt_bs) | set(plan.decode_bs)) for general in (0, 1)]
     report = WarmupReport(kv_bytes=mem.kv_bytes)
     t0 = time.perf_counter()
-    with tqdm(total=len(prefill) + len(decode), desc="warmup", unit="graph", disable=not show_progress) as bar:
+    with tqdm(total=len(prefill) + len(decode) + len(samplers), desc="warmup", unit="graph",
+              disable=not show_progress) as bar:
         _family(runner, "prefill", prefill, req_prefill, comp.prefill_strategy, mem.prompt_graph_bytes, report,
                 check_only, bar)
         _family(runner, "decode", decode, req_decode, comp.decode_strategy, mem.decode_graph_bytes, report,
                 check_only, bar)
+        _family(runner, "sample", samplers, samplers, "max_bs", 0, report, check_only, bar)   # small, all required
     report.seconds = time.perf_counter() - t0
     if not check_only:
         log.info("Warmup done in %.1fs: captured %d/%d graphs (%.0f%%; %d from cache, %d compiled, %d over budget), "

@@ -78,7 +78,7 @@ def test_padding_rows_and_tokens_do_not_change_real_rows(setup):
     batched = _runner(setup)
     toks, lps, tops = _run(batched, [0, 1, 2])
     keys = [k for k, _ in batched.compile_log]
-    assert {(k.kind, k.batch) for k in keys} == {("prefill", 4), ("decode", 4)}     # 3 rows padded to 4
+    assert {(k.kind, k.batch) for k in keys} == {("prefill", 4), ("decode", 4), ("sample", 4)}   # 3 rows padded to 4
     assert batched.padding_tokens > 0
 
     alone = _runner(setup)

@@ -12,7 +12,7 @@ import pytest
 
 import kiln
 from kiln import config as C
-from kiln.backends.jax.runner import GraphKey, JaxRunner
+from kiln.backends.jax.runner import GraphKey, JaxRunner, is_plain_greedy
 from kiln.backends.platform import jax_platform
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
@@ -315,14 +315,15 @@ def test_abort_mid_way_frees_blocks(llm, prompts):
 
 
 # -- static shapes -----------------------------------------------------------------------------------------
-def _key_for(config, out) -> GraphKey:
-    """The bucket the plan picks for one step (a lazily compiling runner compiles exactly this one)."""
+def _keys_for(config, out) -> set[GraphKey]:
+    """The model bucket the plan picks for one step and the sampler graph of that batch size (a lazily
+    compiling runner compiles exactly these)."""
     plan = config.buckets
     if out.kind == "prefill":
         b, s = plan.prefill_bucket(len(out.rows), max(len(r.token_ids) for r in out.rows))
     else:
         b, s = plan.decode_bucket(len(out.rows), max(len(r.block_table) for r in out.rows))
-    return GraphKey(out.kind, b, s)
+    return {GraphKey(out.kind, b, s), GraphKey("sample", b, 0 if all(is_plain_greedy(r) for r in out.rows) else 1)}
 
 
 def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv_llm):
@@ -333,9 +334,10 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         assert len(keys) == len(set(keys)), "a bucket compiled twice"
         assert set(keys) == set(runner.executables)
         prefill_ok, decode_ok = set(cfg.buckets.prefill_buckets()), set(cfg.buckets.decode_buckets())
+        samplers = {(b, g) for b in cfg.buckets.prompt_bs + cfg.buckets.decode_bs for g in (0, 1)}
         for k in keys:
-            assert (k.batch, k.size) in (prefill_ok if k.kind == "prefill" else decode_ok), k
-        used = {_key_for(cfg, o) for o in v.history}
+            assert (k.batch, k.size) in {"prefill": prefill_ok, "decode": decode_ok, "sample": samplers}[k.kind], k
+        used = set().union(*(_keys_for(cfg, o) for o in v.history))
         assert set(keys) == used                        # one compile per distinct bucket used, nothing else
         assert runner.real_tokens > 0 and runner.padding_tokens >= 0
 

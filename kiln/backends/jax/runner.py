@@ -24,7 +24,7 @@ from kiln.compile.guard import CompileGuard
 from kiln.config import EngineConfig, xla_flags
 from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.engine.scheduler_output import SchedulerOutput
-from kiln.kernels.sampling import SampleOutput, SamplingTensors, build_sampling_tensors, sample
+from kiln.kernels.sampling import SampleOutput, SamplingTensors, argmax, build_sampling_tensors, sample
 from kiln.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,37 +39,60 @@ class StepResult:
 
 @dataclasses.dataclass(frozen=True)
 class GraphKey:
-    kind: str          # prefill | decode
+    kind: str          # prefill | decode | sample
     batch: int
-    size: int          # prefill: seq_len bucket; decode: num_blocks bucket
+    size: int          # prefill: seq_len bucket; decode: num_blocks bucket; sample: 0 greedy, 1 general
 
     def __str__(self) -> str:
-        return f"{self.kind}(batch={self.batch}, {'seq_len' if self.kind == 'prefill' else 'blocks'}={self.size})"
+        name = {"prefill": "seq_len", "decode": "blocks", "sample": "general"}[self.kind]
+        return f"{self.kind}(batch={self.batch}, {name}={self.size})"
 
 
-def _sample_with_top(logits, st: SamplingTensors, want_top):
-    """Sample, and the top-MAX_LOGPROBS logprobs only when some row asked (want_top: scalar bool)."""
-    out = sample(logits, st, num_logprobs=0, want_logprobs=want_top)     # [B] tokens and logprobs
+def _top_logprobs(logits, want_top):
+    """The top-MAX_LOGPROBS logprobs [B, K], only when some row asked (want_top: scalar bool)."""
     B = logits.shape[0]
     top_lp, top_ids = jax.lax.cond(
         want_top, lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), MAX_LOGPROBS)),
         lambda x: (jnp.zeros((B, MAX_LOGPROBS), jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32)), logits)
-    return out._replace(top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)   # [B, K]
+    return top_ids.astype(jnp.int32), top_lp
+
+
+def _greedy_sample(logits, want_top):
+    """Plain greedy rows: the argmax, and logprobs when asked."""
+    tokens = argmax(logits)                                                # [B]
+    lp = jax.lax.cond(
+        want_top, lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1),
+        lambda x: jnp.zeros(x.shape[:1], jnp.float32), logits)             # [B]
+    return SampleOutput(tokens, lp, *_top_logprobs(logits, want_top))
+
+
+def _general_sample(logits, st: SamplingTensors, want_top):
+    """Every sampling parameter, per row (kernels/sampling.py)."""
+    out = sample(logits, st, num_logprobs=0, want_logprobs=want_top)     # [B] tokens and logprobs
+    top_ids, top_lp = _top_logprobs(logits, want_top)
+    return out._replace(top_ids=top_ids, top_logprobs=top_lp)            # [B, K]
 
 
 def _prefill_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-                  block_tables, prefix_lens, q_lens, st: SamplingTensors, want_top):
+                  block_tables, prefix_lens, q_lens):
     attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
     h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
     last = jnp.take_along_axis(h, jnp.maximum(q_lens - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return k_cache, v_cache, _sample_with_top(M.lm_head(params, last), st, want_top)
+    return k_cache, v_cache, M.lm_head(params, last)                      # logits [B, V]
 
 
 def _decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-                 block_tables, context_lens, st: SamplingTensors, want_top):
+                 block_tables, context_lens):
     attend = M.attend_fn(block_tables, context_lens, jnp.ones_like(context_lens), scale, decode=True)
     h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
-    return k_cache, v_cache, _sample_with_top(M.lm_head(params, h[:, 0]), st, want_top)
+    return k_cache, v_cache, M.lm_head(params, h[:, 0])                   # logits [B, V]
+
+
+def is_plain_greedy(row) -> bool:
+    """A row the bare-argmax sampler serves exactly."""
+    sp = row.sampling_params
+    return (sp.greedy and not sp.has_penalties and not sp.logit_bias
+            and row.output_index >= sp.min_tokens)
 
 
 class JaxRunner:
@@ -85,6 +108,7 @@ class JaxRunner:
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
         self.graph_memory: dict[GraphKey, int] = {}                # bytes of temporaries + code per graph
+        self.history_len = config.max_blocks_per_seq * cc.block_size   # token history width for penalties
         self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
         self.cache = GraphCache(config.compile.graph_cache_dir) if config.compile.graph_cache else None
         self.padding_tokens = 0                                    # bucket waste, for metrics
@@ -96,17 +120,21 @@ class JaxRunner:
     def _abstract_args(self, key: GraphKey):
         B, bs = key.batch, self.config.cache.block_size
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+        flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        if key.kind == "sample":
+            logits = jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32)
+            if not key.size:
+                return logits, flag
+            st = build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
+            return logits, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st), flag
         if key.kind == "prefill":
             T, nbt = key.size, self.config.max_blocks_per_seq
             batch = (i32(B, T), i32(B, T), i32(B, T), i32(B, nbt), i32(B), i32(B))
         else:
             T, nbt = 1, key.size
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, nbt), i32(B))
-        st = build_sampling_tensors([], [], [], [], [], [], B, nbt * bs)
-        st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st)
         spec_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch, st,
-                jax.ShapeDtypeStruct((), jnp.bool_))
+        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
 
     def fingerprint(self, key: GraphKey) -> dict:
         """Everything that changes the graph of `key` (never weight values): the graph-cache key."""
@@ -118,6 +146,8 @@ class JaxRunner:
                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": xla_flags()}
 
     def lower(self, key: GraphKey):
+        if key.kind == "sample":
+            return jax.jit(_general_sample if key.size else _greedy_sample).lower(*self._abstract_args(key))
         fn = _prefill_step if key.kind == "prefill" else _decode_step
         step = partial(fn, self.spec, self.spec.head_dim ** -0.5)
         return jax.jit(step, donate_argnums=(1, 2)).lower(*self._abstract_args(key))
@@ -153,7 +183,10 @@ class JaxRunner:
     def _graph_for(self, kind: str, batch: int, size: int) -> tuple[GraphKey, jax.stages.Compiled]:
         """The smallest compiled graph holding (batch, size); compiles the exact bucket only if allowed."""
         plan = self.config.buckets
-        b, s = plan.prefill_bucket(batch, size) if kind == "prefill" else plan.decode_bucket(batch, size)
+        if kind == "sample":
+            b, s = batch, size
+        else:
+            b, s = plan.prefill_bucket(batch, size) if kind == "prefill" else plan.decode_bucket(batch, size)
         key = GraphKey(kind, b, s)
         if key not in self.executables:
             fits = [k for k in self.executables if k.kind == kind and k.batch >= b and k.size >= s]
@@ -192,15 +225,19 @@ class JaxRunner:
             starts[i], lens[i] = r.start_pos, n
         self.real_tokens += out.num_tokens
         self.padding_tokens += B * T - out.num_tokens
-        st = build_sampling_tensors([r.sampling_params for r in rows], [r.history for r in rows],
-                                    [r.prompt_len for r in rows], rows[0].eos_token_ids,
-                                    [r.output_index for r in rows], [r.seed for r in rows], B, nbt * bs)
         if out.kind == "prefill":
             batch = (tokens, positions, slots, tables, starts, lens)
         else:
             batch = (tokens, positions, slots, tables, starts)
-        self.k_cache, self.v_cache, res = exe(self.params, self.k_cache, self.v_cache, *batch, st,
-                                              np.bool_(want_lp > 0))
+        self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *batch)
+        want_top = np.bool_(want_lp > 0)
+        if all(is_plain_greedy(r) for r in rows):
+            res = self._graph_for("sample", B, 0)[1](logits, want_top)
+        else:
+            st = build_sampling_tensors([r.sampling_params for r in rows], [r.history for r in rows],
+                                        [r.prompt_len for r in rows], rows[0].eos_token_ids,
+                                        [r.output_index for r in rows], [r.seed for r in rows], B, self.history_len)
+            res = self._graph_for("sample", B, 1)[1](logits, st, want_top)
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)
         top = None
