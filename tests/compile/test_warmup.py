@@ -97,3 +97,28 @@ def test_guard_forbids_compiles_after_warmup_unless_allowed(model_dir, cache_dir
 def test_plan_that_cannot_fit_fails_at_start(model_dir, cache_dir):
     with pytest.raises(PlanError, match="max_model_len=64"):
         _engine(model_dir, num_blocks=2)
+
+
+def test_jax_version_and_xla_flags_are_in_the_key(model_dir, cache_dir, monkeypatch):
+    from kiln.compile.graph_cache import fingerprint_key
+    runner = _engine(model_dir).runner
+    key = GraphKey("decode", 1, 4)
+    base = fingerprint_key(runner.fingerprint(key))
+    monkeypatch.setattr("jax.__version__", "0.0.1")
+    assert fingerprint_key(runner.fingerprint(key)) != base
+    monkeypatch.undo()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert fingerprint_key(runner.fingerprint(key)) != base
+
+
+def test_warmup_cli_check_then_fill(model_dir, cache_dir, capsys):
+    from kiln.entrypoints.cli import main
+    args = ["warmup", "--model", model_dir, "--max-model-len", "64", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "64", "--kv-cache-gib", "0.01"]
+    assert main(args + ["--check"]) == 0
+    out = capsys.readouterr().out
+    planned = int(out.strip().splitlines()[-1].split()[0])
+    assert f"0 in the graph cache, {planned} would be compiled" in out
+    assert main(args) == 0
+    assert main(args + ["--check"]) == 0
+    assert f"{planned} in the graph cache, 0 would be compiled" in capsys.readouterr().out
