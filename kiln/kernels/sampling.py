@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kiln.engine.sampling_params import GREEDY_TEMPERATURE_EPS  # one greedy threshold for host and graph
+
 if TYPE_CHECKING:
     from kiln.engine.sampling_params import SamplingParams
 
@@ -31,8 +33,6 @@ MAX_LOGIT_BIAS = 32
 
 MAX_STOP_IDS = 16
 """Most eos + stop_token_ids suppressed while min_tokens is not reached (the width of SamplingTensors.stop_ids)."""
-
-GREEDY_TEMPERATURE_EPS = 1e-5
 
 
 class SamplingTensors(NamedTuple):
