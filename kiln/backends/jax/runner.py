@@ -181,14 +181,17 @@ class JaxRunner:
         return "compiled"
 
     def _graph_for(self, kind: str, batch: int, size: int) -> tuple[GraphKey, jax.stages.Compiled]:
-        """The smallest compiled graph holding (batch, size); compiles the exact bucket only if allowed."""
+        """The smallest compiled graph holding (batch, size); compiles the exact bucket only if allowed.
+        A sampler graph takes logits of exactly its batch size."""
         plan = self.config.buckets
         if kind == "sample":
             b, s = batch, size
         else:
             b, s = plan.prefill_bucket(batch, size) if kind == "prefill" else plan.decode_bucket(batch, size)
         key = GraphKey(kind, b, s)
-        if key not in self.executables:
+        if key not in self.executables and kind == "sample":
+            self.load_or_compile(key)
+        elif key not in self.executables:
             fits = [k for k in self.executables if k.kind == kind and k.batch >= b and k.size >= s]
             if fits and not self.guard.allow_lazy:
                 key = min(fits, key=lambda k: (k.batch * k.size, k.batch))
