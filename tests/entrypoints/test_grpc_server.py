@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.idle import wait_idle
+from tests.entrypoints.serving import serve_process, wait_idle
 from kiln.entrypoints.client import KilnClient
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.proto import inference_pb2 as pb
@@ -327,30 +324,10 @@ def test_health_and_reflection(engine):
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(default_gguf, tmp_path):
-    cmd = [sys.executable, "-m", "kiln.entrypoints.cli", "serve", "--model", str(default_gguf), "--dtype", "float32",
-           "--max-model-len", "64", "--max-num-seqs", "2", "--port", "0", "--drain-seconds", "60"]
-    from kiln.entrypoints.cli import build_parser
-    serve_flags = build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions
-    if "--skip-warmup" in serve_flags:   # compile lazily: this test needs few graphs
-        cmd.append("--skip-warmup")
-    env = dict(os.environ, KILN_MODELS_DIR=str(C.models_dir()))
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-    port: list[int] = []
-
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                port.append(int(m.group(1)))
-            if re.search(r"\bready\b", line):
-                ready.set()
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        assert ready.wait(240), "".join(lines)
-        target = f"127.0.0.1:{port[0]}"
+    args = ["--model", str(default_gguf), "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "2",
+            "--port", "0", "--drain-seconds", "60"]
+    with serve_process(args, r"listening on 127\.0\.0\.1:(\d+)") as (proc, port, lines):
+        target = f"127.0.0.1:{port}"
         first = threading.Barrier(3, timeout=60)
 
         def run(prompt):
@@ -375,7 +352,3 @@ def test_sigterm_drains_in_flight_and_exits_zero(default_gguf, tmp_path):
             assert [f.result(120) for f in futs] == [("length", 40)] * 2
         assert proc.wait(60) == 0, "".join(lines)
         assert any("draining" in line for line in lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -8,11 +8,7 @@ before the AsyncEngine thread owns it. Servers run on one asyncio loop on a back
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,10 +17,9 @@ import urllib.request
 import openai
 import pytest
 
-from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.idle import wait_idle
+from tests.entrypoints.serving import serve_process, wait_idle
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.entrypoints.http_server import HttpServer, param_of
 
@@ -300,26 +295,10 @@ def test_health_metrics_and_drain(engine):
 def test_kiln_serve_http_only_drains_on_sigterm(default_gguf):
     """`kiln serve --no-grpc --http-port 0`: an in-flight stream finishes after SIGTERM, new requests get 503,
     the process exits 0."""
-    cmd = [sys.executable, "-m", "kiln.entrypoints.cli", "serve", "--model", str(default_gguf), "--dtype", "float32",
-           "--max-model-len", "64", "--max-num-seqs", "2", "--no-grpc", "--http-port", "0", "--skip-warmup",
-           "--served-model-name", "smol", "--drain-seconds", "60"]
-    env = dict(os.environ, KILN_MODELS_DIR=str(C.models_dir()))
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines: list[str] = []
-    ready, port = threading.Event(), []
-
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"HTTP API on http://127\.0\.0\.1:(\d+)/v1", line)
-            if m:
-                port.append(int(m.group(1)))
-            if re.search(r"\bready\b", line):
-                ready.set()
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        assert ready.wait(240), "".join(lines)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port[0]}/v1", api_key="none", max_retries=0, timeout=60)
+    args = ["--model", str(default_gguf), "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "2",
+            "--no-grpc", "--http-port", "0", "--served-model-name", "smol", "--drain-seconds", "60"]
+    with serve_process(args, r"HTTP API on http://127\.0\.0\.1:(\d+)/v1") as (proc, port, lines):
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == ["smol"]
         stream = c.completions.create(model="smol", prompt="Hello there", max_tokens=40, temperature=0, stream=True,
                                       extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
@@ -334,7 +313,3 @@ def test_kiln_serve_http_only_drains_on_sigterm(default_gguf):
         assert usage and usage[0].completion_tokens == 40
         assert proc.wait(60) == 0, "".join(lines)
         assert any("draining" in line for line in lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
