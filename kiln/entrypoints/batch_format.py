@@ -85,7 +85,7 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
         if not isinstance(body, dict):
             raise LineError("invalid_request", f"body must be a JSON object, got {_kind(body)}")
         if url == CHAT_URL:
-            prompt, params, echo = _chat_messages(body), chat_params(body), False
+            prompt, params, echo = chat_messages(body), chat_params(body), False
         else:
             prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
             if echo and params.logprobs is not None:
@@ -102,7 +102,7 @@ def _kind(v: Any) -> str:
     return "nothing" if v is None else f"a {type(v).__name__}"
 
 
-def _chat_messages(body: dict) -> list[dict[str, str]]:
+def chat_messages(body: dict) -> list[dict[str, str]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise LineError("invalid_request", f"messages must be a non-empty list, got {_kind(msgs)}")

@@ -111,7 +111,7 @@ def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}   # batch jobs refuse stream
     try:
         if chat:
-            return [F._chat_messages(plain)], F.chat_params(plain)
+            return [F.chat_messages(plain)], F.chat_params(plain)
         return completion_prompts(plain), F.completion_params(plain)
     except F.LineError as e:
         raise _bad(e.message, chat) from None
