@@ -158,14 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(w)
     w.set_defaults(func=cmd_warmup)
 
-    from kiln.entrypoints import client, grpc_server
+    from kiln.entrypoints import client, serve
     s = sub.add_parser("serve", help="serve the model over gRPC (kiln.v1.Inference) and/or OpenAI-compatible HTTP",
                        description="Serve the model over gRPC, with health checking, reflection and metrics; with "
                                    "--http-port, also (or with --no-grpc, only) the OpenAI-compatible HTTP API, in "
                                    "the same process over the same engine.")
     _engine_args(s)
-    grpc_server.add_serve_args(s)
-    s.set_defaults(func=grpc_server.cmd_serve)
+    serve.add_serve_args(s)
+    s.set_defaults(func=serve.cmd_serve)
     c = sub.add_parser("client", help="send one prompt to a running `kiln serve` and stream the reply",
                        description="Stream a reply from a running `kiln serve`.")
     client.add_client_args(c)

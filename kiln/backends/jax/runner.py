@@ -118,7 +118,7 @@ class JaxRunner:
 
     # -- graphs -----------------------------------------------------------------------------------
     def _abstract_args(self, key: GraphKey):
-        B, bs = key.batch, self.config.cache.block_size
+        B = key.batch
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
         flag = jax.ShapeDtypeStruct((), jnp.bool_)
         if key.kind == "sample":
