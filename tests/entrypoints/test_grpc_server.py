@@ -295,6 +295,35 @@ def test_api_key(engine):
         s.close()
 
 
+def test_tls_with_a_key_file(engine, tmp_path):
+    """--tls-cert/--tls-key serve TLS; --api-key-file is read by the CLI; a plaintext client gets nowhere."""
+    import subprocess
+    from kiln.entrypoints.cli import build_parser
+    from kiln.entrypoints.serve import options_from_args
+    cert, key, key_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "api-key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    key_file.write_text("from-a-file\n")
+    args = build_parser().parse_args(["serve", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+                                      "--api-key-file", str(key_file)])
+    opts = options_from_args(args)
+    assert opts.api_key == "from-a-file"
+    s = ServerThread(opts, engine)
+    try:
+        with KilnClient(s.target, api_key="from-a-file", tls_ca=str(cert)) as c:
+            assert c.generate_unary("hi", max_tokens=2).completions[0].token_ids
+        with KilnClient(s.target, api_key="from-a-file") as c:            # plaintext against a TLS port
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate_unary("hi", max_tokens=2, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.close()
+    key_file.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        options_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key_file)]))
+
+
 def test_health_and_reflection(engine):
     s = ServerThread(ServeOptions(port=0), None)
     try:
