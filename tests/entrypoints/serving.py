@@ -1,7 +1,10 @@
-"""Helpers of the server tests: waiting for an engine to go idle, and a `kiln serve` subprocess."""
+"""Helpers of the server tests: one event loop for in-process servers, waiting for an engine to go idle, and a
+`kiln serve` subprocess."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -11,6 +14,14 @@ import time
 
 from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
+
+
+@functools.cache
+def server_loop() -> asyncio.AbstractEventLoop:
+    """One event loop on a daemon thread for every in-process server of the session (grpc.aio wants one loop)."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="server-test-loop", daemon=True).start()
+    return loop
 
 
 def wait_idle(engine: AsyncEngine, timeout: float = 30) -> dict:

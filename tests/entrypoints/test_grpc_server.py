@@ -7,7 +7,6 @@ in-process servers; each server runs in its own asyncio loop on a background thr
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import signal
 import threading
@@ -20,10 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from kiln import config as C
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.serving import serve_process, wait_idle
+from tests.entrypoints.serving import serve_process, server_loop, wait_idle
 from kiln.entrypoints.client import KilnClient
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.proto import inference_pb2 as pb
@@ -35,29 +33,11 @@ PROMPTS = [f"Question {i}: name one thing that is {c}." for i, c in
 MAX_TOKENS = 16
 
 
-def _no_full_warmup() -> dict:
-    """Compile graphs as they are needed: the tests touch few buckets (the full warmup is tested elsewhere)."""
-    fields = {f.name for f in dataclasses.fields(C.CompileConfig)} if hasattr(C, "CompileConfig") else set()
-    return {"warmup": False} if "warmup" in fields else {}
-
-
-_LOOP: asyncio.AbstractEventLoop | None = None
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    """One event loop on a daemon thread for every in-process server (gRPC aio prefers a single loop)."""
-    global _LOOP
-    if _LOOP is None:
-        _LOOP = asyncio.new_event_loop()
-        threading.Thread(target=_LOOP.run_forever, name="grpc-test-loop", daemon=True).start()
-    return _LOOP
-
-
 class ServerThread:
     """A KilnServer on the shared test event loop."""
 
     def __init__(self, opts: ServeOptions, engine: AsyncEngine | None, warm: bool = True):
-        self.loop = _loop()
+        self.loop = server_loop()
         self.server = KilnServer(opts)
         self.port = self.call(self.server.start())
         self.target = f"127.0.0.1:{self.port}"
@@ -94,7 +74,7 @@ def _metric(text: str, name: str, **labels) -> float:
 def engine(default_gguf):
     from kiln.engine.llm import build_engine
 
-    eng = build_engine(str(default_gguf), dtype="float32", max_model_len=512, max_num_seqs=32, **_no_full_warmup())
+    eng = build_engine(str(default_gguf), dtype="float32", max_model_len=512, max_num_seqs=32, warmup=False)
     # References from the synchronous engine, as LLM.generate runs it, before the async thread owns it.
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     ids = [eng.add_request(p, sp) for p in PROMPTS]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ import pytest
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.serving import serve_process, wait_idle
+from tests.entrypoints.serving import serve_process, server_loop, wait_idle
 from kiln.entrypoints.grpc_server import KilnServer, ServeOptions
 from kiln.entrypoints.http_server import HttpServer, param_of
 
@@ -31,19 +30,8 @@ PROMPTS = ["The capital of France is", "Question: name one thing that is red.", 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 MAX_TOKENS = 16
 
-_LOOP: asyncio.AbstractEventLoop | None = None
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    global _LOOP
-    if _LOOP is None:
-        _LOOP = asyncio.new_event_loop()
-        threading.Thread(target=_LOOP.run_forever, name="http-test-loop", daemon=True).start()
-    return _LOOP
-
-
 def _call(coro, timeout: float = 120):
-    return asyncio.run_coroutine_threadsafe(coro, _loop()).result(timeout)
+    return asyncio.run_coroutine_threadsafe(coro, server_loop()).result(timeout)
 
 
 class HttpThread:
