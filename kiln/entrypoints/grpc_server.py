@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError
-from kiln.engine.outputs import CompletionOutput, RequestOutput
+from kiln.engine.outputs import CompletionOutput, DeltaTracker, RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints.metrics import RequestObserver, ServerMetrics
 from kiln.proto import inference_pb2 as pb
@@ -140,23 +140,20 @@ class _Deltas:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.sent: dict[int, tuple[int, int, bool]] = {}   # index -> (text chars, tokens, finished) sent
+        self.tracker = DeltaTracker()
 
     def __call__(self, out: RequestOutput) -> list[pb.GenerateResponse]:
         msgs = []
         for c in out.outputs:
-            n_text, n_tok, done = self.sent.get(c.index, (0, 0, False))
-            text, toks = c.text[n_text:], c.token_ids[n_tok:]
-            finishing = c.finished and not done
-            if not (text or toks or finishing):
+            d = self.tracker.delta(c.index, c)
+            if not (d.text or d.token_ids or d.finishing):
                 continue
-            m = pb.GenerateResponse(request_id=out.request_id, index=c.index, text=text, token_ids=toks)
-            if c.logprobs is not None:
-                m.logprobs.extend(_logprobs(c.logprobs[n_tok:], toks, self.params.logprobs or 0))
-            if finishing:
+            m = pb.GenerateResponse(request_id=out.request_id, index=c.index, text=d.text, token_ids=d.token_ids)
+            if d.logprobs is not None:
+                m.logprobs.extend(_logprobs(d.logprobs, d.token_ids, self.params.logprobs or 0))
+            if d.finishing:
                 m.finish_reason = c.finish_reason
                 _set_stop_reason(m, c)
-            self.sent[c.index] = (len(c.text), len(c.token_ids), c.finished)
             msgs.append(m)
         if out.finished:
             if not msgs:

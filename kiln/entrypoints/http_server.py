@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.engine.async_engine import EngineDeadError
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import DeltaTracker, RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
 from kiln.entrypoints.metrics import RequestObserver
@@ -135,31 +135,26 @@ class _Chunks:
 
     def __init__(self, chat: bool, params: SamplingParams, head: dict, decode):
         self.chat, self.params, self.head, self.decode = chat, params, head, decode
-        self.sent: dict[int, tuple[int, int, bool]] = {}       # choice index -> (chars, tokens, finished) sent
+        self.tracker = DeltaTracker()
 
     def __call__(self, i: int, out: RequestOutput) -> list[dict]:
         chunks, k = [], self.params.logprobs
         for c in out.outputs:
             idx = i * self.params.n + c.index
-            first = idx not in self.sent
-            n_text, n_tok, done = self.sent.get(idx, (0, 0, False))
-            text, toks = c.text[n_text:], c.token_ids[n_tok:]
-            finishing = c.finished and not done
-            if not (text or toks or finishing or (first and self.chat)):
+            d = self.tracker.delta(idx, c)
+            if not (d.text or d.token_ids or d.finishing or (d.first and self.chat)):
                 continue
             lp = None
-            if k is not None and c.logprobs is not None and toks:
-                new = c.logprobs[n_tok:]
-                lp = F.chat_logprobs(toks, new, k, self.decode) if self.chat else \
-                    F.completion_logprobs(toks, new, k, self.decode, offset=n_text)
+            if k is not None and d.logprobs is not None and d.token_ids:
+                lp = F.chat_logprobs(d.token_ids, d.logprobs, k, self.decode) if self.chat else \
+                    F.completion_logprobs(d.token_ids, d.logprobs, k, self.decode, offset=d.text_offset)
             choice: dict[str, Any] = {"index": idx}
             if self.chat:
-                choice["delta"] = ({"role": "assistant", "content": text} if first else {"content": text})
+                choice["delta"] = ({"role": "assistant", "content": d.text} if d.first else {"content": d.text})
             else:
-                choice["text"] = text
-            choice.update(logprobs=lp, finish_reason=c.finish_reason if finishing else None,
-                          stop_reason=c.stop_reason if finishing else None)
-            self.sent[idx] = (len(c.text), len(c.token_ids), c.finished)
+                choice["text"] = d.text
+            choice.update(logprobs=lp, finish_reason=c.finish_reason if d.finishing else None,
+                          stop_reason=c.stop_reason if d.finishing else None)
             chunks.append(dict(self.head, choices=[choice]))
         return chunks
 
