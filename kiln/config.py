@@ -15,6 +15,7 @@ from kiln.compile.planner import MemoryPlan, host_free_bytes, plan_memory
 from kiln.models.spec import ModelSpec
 
 DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZATIONS = ("auto", "none")
 
 
 def cache_dir() -> Path:
@@ -42,11 +43,15 @@ def bucket_range(name: str, given: tuple[int | None, ...] | None, default: tuple
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model: str = "smollm2-135m-instruct"
-    dtype: str = "auto"                  # auto: float32 on CPU (XLA:CPU runs f32 dots fastest), else bfloat16
+    dtype: str = "auto"                  # auto: float32 for XLA on CPU (its f32 dots are fastest), else bfloat16
+    backend: str = "auto"                # auto | jax | torch (backends/platform.resolve_backend)
+    quantization: str = "auto"           # auto: keep 4-bit GGUF weights 4-bit where lossless (torch bf16) | none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +80,12 @@ class SchedulerConfig:
                 raise ValueError(f"{f} must be at least 1, got {getattr(self, f)}")
 
 
-def resolve_dtype(dtype: str, platform: str) -> str:
-    """auto: float32 on CPU (XLA:CPU runs f32 dots faster than bf16), bfloat16 on accelerators."""
+def resolve_dtype(dtype: str, platform: str, backend: str = "jax") -> str:
+    """auto: float32 for XLA on CPU (XLA:CPU runs f32 dots faster than bf16), else bfloat16 (accelerators, and
+    PyTorch on CPU, whose oneDNN bf16 dots are the fast ones)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return dtype if dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    return dtype if dtype != "auto" else ("float32" if platform == "cpu" and backend == "jax" else "bfloat16")
 
 
 def xla_flags() -> str:
@@ -123,6 +129,7 @@ class EngineConfig:
     compile: CompileConfig
     memory: MemoryPlan
     dtype: str                           # resolved: float32 or bfloat16
+    backend: str = "jax"                 # resolved: jax or torch
     platform: str = "cpu"
     seed: int = 0
 
@@ -132,14 +139,18 @@ class EngineConfig:
 
     @classmethod
     def create(cls, spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str = "auto",
+               backend: str | None = None, quantization: str = "auto",
                block_size: int = 16, num_blocks: int = 0, kv_cache_gib: float | None = None,
                enable_prefix_caching: bool = True, max_num_seqs: int = 64,
                max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                seed: int = 0, platform: str = "cpu", free_bytes: int | None = None,
                buckets: dict[str, tuple[int, int, int]] | None = None,
                **compile_kwargs) -> "EngineConfig":
-        mc = ModelConfig(model=model, dtype=dtype)
-        resolved = resolve_dtype(dtype, platform)
+        from kiln.backends.platform import resolve_backend
+        backend = backend or os.environ.get("KILN_BACKEND") or "auto"
+        mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
+        backend = resolve_backend(backend, platform)
+        resolved = resolve_dtype(dtype, platform, backend)
         # kiln attends over the whole context: a sliding-window model is exact only within its window
         window = spec.sliding_window or spec.max_position_embeddings
         max_len = max_model_len or min(spec.max_position_embeddings, 2048, window)
@@ -191,4 +202,4 @@ class EngineConfig:
             raise ValueError(f"prompt seq_len buckets (max {plan.prompt_seq[-1]}) must fit max_num_batched_tokens="
                              f"{sc.max_num_batched_tokens} and max_model_len={max_len}")
         return cls(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory, dtype=resolved,
-                   platform=platform, seed=seed)
+                   backend=backend, platform=platform, seed=seed)

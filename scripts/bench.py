@@ -40,11 +40,11 @@ def machine_bounds() -> dict:
     return out
 
 
-def run_kiln(model: str, n: int, out_len: int, dtype: str) -> dict:
+def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str) -> dict:
     import workload
     from kiln import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_num_seqs=max(n, 1), max_model_len=512)
+    llm = LLM(model=model, backend=backend, dtype=dtype, max_num_seqs=max(n, 1), max_model_len=512)
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     prompts = workload.prompts(n)
@@ -56,7 +56,8 @@ def run_kiln(model: str, n: int, out_len: int, dtype: str) -> dict:
     t1 = time.perf_counter()
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
-    return {"engine": f"kiln ({dtype})", "n": n, "gen_tokens": gen, "time_s": round(dt, 2),
+    cfg = llm.engine.config
+    return {"engine": f"kiln {cfg.backend} ({cfg.dtype})", "n": n, "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
             "init_s": round(init, 1), "compiles_while_serving": llm.engine.runner.guard.while_serving}
 
@@ -82,15 +83,19 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kiln", default="torch:auto,jax:float32",
+                    help="comma list of kiln backend:dtype runs; the first is the one compared to the peers")
     ap.add_argument("--peers", default="vllm,llamacpp,hf", help="comma list; empty for kiln only")
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args()
     peers = Path(os.environ.get("PEERS", "~/.cache/kiln-peers")).expanduser()
     bounds = machine_bounds()
     print("machine:", bounds)
-    results = [run_kiln(a.model, a.n, a.out_len, a.dtype)]
-    print("RESULT " + json.dumps(results[0]), flush=True)
+    results = []
+    for run in a.kiln.split(","):
+        backend, _, dtype = run.partition(":")
+        results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype or "auto"))
+        print("RESULT " + json.dumps(results[-1]), flush=True)
     for name in filter(None, a.peers.split(",")):
         r = run_peer(name, peers, a.n, a.out_len)
         if r:
@@ -98,7 +103,7 @@ def main() -> None:
             results.append(r)
     kiln = results[0]
     # bounds for the default model: bytes of weights read per decode step (W2), FLOPs per token (W1)
-    weights_bytes, flops_per_token = 134.5e6 * 4 if a.dtype == "float32" else 134.5e6 * 2, 2 * 134.5e6
+    weights_bytes, flops_per_token = 134.5e6 * 4 if "float32" in kiln["engine"] else 134.5e6 * 2, 2 * 134.5e6
     w2_bound = bounds["mem_read_GBps"] * 1e9 / weights_bytes
     w1_bound = bounds["matmul_float32_GFLOPs"] * 1e9 / flops_per_token
     print(f"\n{'engine':<36} {'W1 tok/s':>9} {'W2 tok/s':>9} {'init s':>7} {'kiln/W1':>8} {'kiln/W2':>8}")
@@ -106,7 +111,7 @@ def main() -> None:
         print(f"{r['engine']:<36} {r['tok_per_s']:>9} {r['single_stream_tok_per_s']:>9} {r['init_s']:>7} "
               f"{kiln['tok_per_s'] / r['tok_per_s']:>8.2f} "
               f"{kiln['single_stream_tok_per_s'] / r['single_stream_tok_per_s']:>8.2f}")
-    print(f"bounds ({a.dtype} weights): W2 <= {w2_bound:.0f} tok/s (bandwidth), W1 <= {w1_bound:.0f} tok/s (fp32 "
+    print(f"bounds ({kiln['engine']} weights): W2 <= {w2_bound:.0f} tok/s (bandwidth), W1 <= {w1_bound:.0f} tok/s (fp32 "
           f"matmul); kiln reaches {kiln['single_stream_tok_per_s'] / w2_bound:.0%} and "
           f"{kiln['tok_per_s'] / w1_bound:.0%}")
     out = Path(a.out)

@@ -87,6 +87,8 @@ def warmup(runner, check_only: bool = False, show_progress: bool = True) -> Warm
     samplers = [(b, general) for b in sorted(set(plan.prompt_bs) | set(plan.decode_bs)) for general in (0, 1)]
     report = WarmupReport(kv_bytes=mem.kv_bytes)
     t0 = time.perf_counter()
+    if "prefill" not in runner.compiled_kinds:   # an eager backend: only the sampler graphs are compiled
+        prefill, decode = [], []
     with tqdm(total=len(prefill) + len(decode) + len(samplers), desc="warmup", unit="graph",
               disable=not show_progress) as bar:
         _family(runner, "prefill", prefill, req_prefill, comp.prefill_strategy, mem.prompt_graph_bytes, report,

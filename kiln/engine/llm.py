@@ -26,10 +26,14 @@ def build_engine(model: str = C.ModelConfig.model, dtype: str = "auto", **kwargs
     """
     platform = jax_platform()
     loaded = load_model(model, C.models_dir())
-    params = params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(C.resolve_dtype(dtype, platform)))
-    del loaded.tensors
     config = C.EngineConfig.create(loaded.spec, model=model, dtype=dtype, platform=platform, **kwargs)
-    runner = JaxRunner(loaded.spec, params, config)
+    log.info("backend %s, %s", config.backend, config.dtype)
+    if config.backend == "torch":
+        from kiln.backends.torch.runner import TorchRunner
+        runner = TorchRunner(loaded.spec, loaded.tensors, config)
+    else:
+        runner = JaxRunner(loaded.spec, params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(config.dtype)), config)
+    del loaded.tensors
     if config.compile.warmup:
         warmup(runner)
     return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)

@@ -98,13 +98,12 @@ def is_plain_greedy(row) -> bool:
 class JaxRunner:
     """Owns the weights, the paged KV cache and the compiled step executables of one device."""
 
-    def __init__(self, spec: ModelSpec, params: M.Params, config: EngineConfig):
+    compiled_kinds = ("prefill", "decode", "sample")               # the graph families warmup builds
+
+    def __init__(self, spec: ModelSpec, params, config: EngineConfig):
         self.spec, self.params, self.config = spec, params, config
         cc = config.cache
-        shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
-        dtype = jnp.dtype(config.dtype)
-        self.k_cache = jnp.zeros(shape, dtype)                     # [L, NB, KVH, bs, Dh]
-        self.v_cache = jnp.zeros(shape, dtype)
+        self.k_cache, self.v_cache = self._new_cache()
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
         self.graph_memory: dict[GraphKey, int] = {}                # bytes of temporaries + code per graph
@@ -115,6 +114,12 @@ class JaxRunner:
         self.real_tokens = 0
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
                  2 * self.k_cache.nbytes / 2**30)
+
+    def _new_cache(self):
+        cc, spec = self.config.cache, self.spec
+        shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
+        dtype = jnp.dtype(self.config.dtype)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)    # [L, NB, KVH, bs, Dh] each
 
     # -- graphs -----------------------------------------------------------------------------------
     def _abstract_args(self, key: GraphKey):

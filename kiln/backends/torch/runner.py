@@ -1,0 +1,62 @@
+"""The torch runner: the JAX runner's contract (SchedulerOutput in, StepResult out) with the model step run
+eagerly by backends/torch/model on oneDNN/ATen CPU kernels.
+
+Only the model step differs: batches are padded to the same batch buckets (the sampler graphs, shared with
+the JAX backend and built by warmup, are compiled per batch size), but the model itself computes only the
+real rows and the real context, so there is no model graph to compile and no sequence-length padding.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from kiln.backends.jax.runner import GraphKey, JaxRunner
+from kiln.backends.torch import model as TM
+from kiln.backends.torch.weights import load_weights
+from kiln.config import EngineConfig
+from kiln.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TorchRunner(JaxRunner):
+    compiled_kinds = ("sample",)
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], config: EngineConfig):
+        torch.set_num_threads(os.cpu_count() or 1)
+        dtype = DTYPES[config.dtype]
+        int4 = config.model.quantization == "auto" and dtype == torch.bfloat16
+        weights = load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len)
+        super().__init__(spec, weights, config)
+
+    def _new_cache(self):
+        cc, spec = self.config.cache, self.spec
+        shape = (spec.num_layers, cc.num_blocks * cc.block_size, spec.num_kv_heads, spec.head_dim)
+        dtype = DTYPES[self.config.dtype]
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)   # [L, NB*bs, KVH, Dh] each
+
+    def is_cached(self, key: GraphKey) -> bool:
+        return key.kind != "sample" or super().is_cached(key)
+
+    def _graph_for(self, kind: str, batch: int, size: int):
+        """Model steps: a batch bucket (for the sampler graph) and the exact size; nothing to compile."""
+        if kind == "sample":
+            return super()._graph_for(kind, batch, size)
+        plan = self.config.buckets
+        b = (plan.prefill_bucket(batch, 1) if kind == "prefill" else plan.decode_bucket(batch, 1))[0]
+        return GraphKey(kind, b, size), self._step
+
+    def _step(self, weights, k_cache, v_cache, tokens, positions, slots, tables, starts, q_lens=None):
+        """The executable's signature: (params, caches, batch...) -> (caches, logits [B, V] float32)."""
+        if q_lens is None:                                          # decode: one token per row
+            q_lens = np.ones(len(tokens), np.int32)
+        logits = TM.forward(self.spec, weights, k_cache, v_cache, self.config.cache.block_size,
+                            tokens, positions, slots, tables, q_lens)           # [n, V]
+        out = np.zeros((len(tokens), logits.shape[1]), np.float32)               # [B, V]
+        out[:len(logits)] = logits.numpy()
+        return k_cache, v_cache, out

@@ -1,0 +1,127 @@
+"""Weights of the torch backend: fused projections in the compute dtype, plus 4-bit copies where lossless.
+
+A GGUF Q4_0/Q4_1 tensor dequantised to float32 holds, in each group of 32 inputs of an output row, at most 16
+evenly spaced values. Such a group is re-quantised exactly as (q - 8) * scale + zero with q in [0, 16) (scale
+and zero rounded to bf16, the precision of the dense bf16 copy), which is the format of ATen's CPU int4 matmul
+(`_weight_int4pack_mm_for_cpu`). At batch 1 that reads ~1/4 of the bytes of bf16; at large batches the
+bf16 matmul (oneDNN) is faster, so both copies are kept and the step picks by its token count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+GROUP = 32             # int4 group size along the input dimension (= the GGUF block size)
+INT4_MAX_TOKENS = 16   # steps with fewer tokens than this use the int4 copies (measured crossover, BENCHMARKS.md)
+
+
+def lossless_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w [N, K] float32 -> (packed int4 weight, scales_and_zeros [K/G, N, 2] bf16) when every group of GROUP
+    inputs is exactly min + q * step with q in [0, 16); else None."""
+    N, K = w.shape
+    if K % GROUP or N % 8:
+        return None
+    g = w.reshape(N, K // GROUP, GROUP)                              # [N, K/G, G]
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)      # [N, K/G, 1]
+    scale = (hi - lo) / 15
+    q = torch.where(scale > 0, (g - lo) / torch.where(scale > 0, scale, 1), 0).round()
+    if ((q * scale + lo - g).abs() > 1e-3 * scale + 1e-6 * (lo.abs() + hi.abs())).any():
+        return None
+    q = q.clamp(0, 15).to(torch.int32).reshape(N, K)
+    zero = lo + 8 * scale                                            # (q - 8) * scale + zero == q * scale + lo
+    sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/G, N, 2]
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), sz
+
+
+@dataclasses.dataclass
+class Linear:
+    weight: torch.Tensor                                  # [out, in], compute dtype
+    bias: torch.Tensor | None = None                      # [out]
+    int4: tuple[torch.Tensor, torch.Tensor] | None = None # lossless_int4's result, when kept
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        x2 = x.reshape(-1, x.shape[-1])                                   # [M, in]
+        if self.int4 is not None and x2.shape[0] < INT4_MAX_TOKENS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4[0], GROUP, self.int4[1])
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x2, self.weight, self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@dataclasses.dataclass
+class Layer:
+    ln1: torch.Tensor      # [D]
+    ln2: torch.Tensor      # [D]
+    qkv: Linear            # D -> (H + 2 KVH) Dh
+    o: Linear              # H Dh -> D
+    gate_up: Linear        # D -> 2F
+    down: Linear           # F -> D
+
+
+@dataclasses.dataclass
+class Weights:
+    embed: torch.Tensor    # [V, D]
+    norm: torch.Tensor     # [D]
+    head: Linear           # D -> V
+    head32: torch.Tensor | None  # [V, D] float32 head rows for re-scoring the top candidates (bf16 only)
+    layers: list[Layer]
+    cos: torch.Tensor      # [max_pos, Dh] rope tables, compute dtype
+    sin: torch.Tensor      # [max_pos, Dh], the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
+
+    @property
+    def num_int4(self) -> int:
+        return sum(lin.int4 is not None for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down))
+
+
+def rope_tables(spec: ModelSpec, max_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from kiln.kernels.rope import inv_frequencies
+    inv = torch.from_numpy(inv_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling))  # [Dh/2]
+    f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                              # [P, Dh/2]
+    cos = torch.cat([f.cos(), f.cos()], -1)
+    sin = torch.cat([-f.sin(), f.sin()], -1)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
+                 max_pos: int) -> Weights:
+    """HF-named float32 tensors -> Weights; `int4` keeps lossless 4-bit copies of the layer projections."""
+    from kiln.backends.jax.model import check_tensors
+    check_tensors(spec, tensors)
+    t = lambda name: torch.from_numpy(np.asarray(tensors[name], dtype=np.float32))
+
+    def linear(names: list[str], bias: bool) -> Linear:
+        w = torch.cat([t(n + ".weight") for n in names])                  # [out, in] float32
+        b = torch.cat([t(n + ".bias") for n in names]).to(dtype) if bias else None
+        return Linear(w.to(dtype).contiguous(), b, lossless_int4(w) if int4 else None)
+
+    layers = []
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        layers.append(Layer(
+            ln1=t(p + "input_layernorm.weight").to(dtype), ln2=t(p + "post_attention_layernorm.weight").to(dtype),
+            qkv=linear([a + "q_proj", a + "k_proj", a + "v_proj"], spec.attention_bias),
+            o=linear([a + "o_proj"], spec.o_bias),
+            gate_up=linear([m + "gate_proj", m + "up_proj"], spec.mlp_bias),
+            down=linear([m + "down_proj"], spec.mlp_bias)))
+    embed = t("model.embed_tokens.weight").to(dtype).contiguous()
+    head32 = t("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
+    head = Linear(embed if spec.tie_word_embeddings else head32.to(dtype).contiguous())
+    cos, sin = rope_tables(spec, max_pos, dtype)
+    w = Weights(embed, t("model.norm.weight").to(dtype), head, head32 if dtype != torch.float32 else None,
+                layers, cos, sin)
+    if int4:
+        log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",
+                 w.num_int4, 4 * spec.num_layers)
+    return w
