@@ -130,6 +130,7 @@ class EngineConfig:
     memory: MemoryPlan
     dtype: str                           # resolved: float32 or bfloat16
     backend: str = "jax"                 # resolved: jax or torch
+    kv_dtype: str = "float32"            # KV cache: the compute dtype, but float32 for torch (attention in f32)
     platform: str = "cpu"
     seed: int = 0
 
@@ -171,7 +172,8 @@ class EngineConfig:
             space = os.environ.get("KILN_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
             # CPU: a fixed KV budget, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE; accelerators: split free memory
             kv_cache_gib = float(space) if space else (1.0 if platform == "cpu" else None)
-        itemsize = 4 if resolved == "float32" else 2
+        kv_dtype = "float32" if backend == "torch" else resolved
+        itemsize = 4 if kv_dtype == "float32" else 2
         per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
         if num_blocks:
             kv_bytes = num_blocks * per_block
@@ -202,4 +204,4 @@ class EngineConfig:
             raise ValueError(f"prompt seq_len buckets (max {plan.prompt_seq[-1]}) must fit max_num_batched_tokens="
                              f"{sc.max_num_batched_tokens} and max_model_len={max_len}")
         return cls(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory, dtype=resolved,
-                   backend=backend, platform=platform, seed=seed)
+                   backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed)

@@ -1,9 +1,9 @@
 """The Llama-family forward pass in PyTorch, eager, over a paged KV cache: the torch twin of backends/jax/model.
 
-The cache is [L, num_blocks * block_size, KVH, Dh] per K and V: a token's slot is block * block_size + offset,
-as the block manager hands them out. Every step, prefill chunk or decode, is the same computation: write the
-new tokens' K/V to their slots, gather each row's context by slot, attend causally from each new token's
-position. Rows whose first slot is 0 (the null block) are bucket padding and are not computed.
+The cache is [L, num_blocks * block_size, KVH, Dh] per K and V, float32 (attention runs in float32; see
+_attention): a token's slot is block * block_size + offset, as the block manager hands them out. Every step,
+prefill chunk or decode, is the same computation: write the new tokens' K/V to their slots, gather each row's
+context block by block, attend causally from each new token's position. Rows whose first slot is 0 (the null block) are bucket padding and are not computed.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def _attention(q, k_ctx, v_ctx, mask, scale):
     KVH = k_ctx.shape[2]
     G = H // KVH
     qg = q.float().view(B, T, KVH, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * T, Dh)  # [B, KVH, G*T, Dh]
-    s = torch.matmul(qg, k_ctx.float().permute(0, 2, 3, 1))                           # [B, KVH, G*T, S]
+    s = torch.matmul(qg, k_ctx.permute(0, 2, 3, 1))                                   # [B, KVH, G*T, S]
     s = s.view(B, KVH, G, T, -1) * scale + mask[:, None, None]                       # [B, KVH, G, T, S]
     p = torch.softmax(s, -1).view(B, KVH, G * T, -1)
-    o = torch.matmul(p, v_ctx.float().transpose(1, 2))                                # [B, KVH, G*T, Dh]
+    o = torch.matmul(p, v_ctx.transpose(1, 2))                                        # [B, KVH, G*T, Dh]
     return o.view(B, KVH, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, H * Dh).to(q.dtype)
 
 
@@ -48,10 +48,9 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     lens = torch.from_numpy(q_lens[:n]).long()                                    # [n]
     B, T = tok.shape
     H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    S = int((positions[:n, 0] + q_lens[:n]).max())                               # longest context this step
-    j = torch.arange(S)                                                           # [S]
-    tab = torch.from_numpy(tables[:n]).long()                                     # [n, NBt]
-    ctx_slots = tab[:, j // block_size] * block_size + j % block_size             # [n, S]
+    nbt = -(-int((positions[:n, 0] + q_lens[:n]).max()) // block_size)         # blocks of the longest context
+    tab = torch.from_numpy(np.ascontiguousarray(tables[:n, :nbt])).long().reshape(-1)  # [n*nbt]
+    j = torch.arange(nbt * block_size)                                            # [S] context positions
     last = pos[:, :1] + lens[:, None] - 1                                         # [n, 1] last real position
     causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]            # [n, T, S]
     mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))        # [n, T, S]
@@ -66,9 +65,11 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
         qkv = lw.qkv(h)                                                           # [n, T, (H+2KVH)*Dh]
         qk = _rope(qkv[..., :(H + KVH) * Dh].view(B, T, H + KVH, Dh), cos, sin)  # [n, T, H+KVH, Dh]
         v = qkv[..., (H + KVH) * Dh:].reshape(B * T, KVH, Dh)
-        kc.index_copy_(0, new_slots, qk[:, :, H:].reshape(B * T, KVH, Dh))        # cache [NB*bs, KVH, Dh]
-        vc.index_copy_(0, new_slots, v)
-        a = _attention(qk[:, :, :H], kc[ctx_slots], vc[ctx_slots], mask, scale)   # [n, T, H*Dh]
+        kc.index_copy_(0, new_slots, qk[:, :, H:].reshape(B * T, KVH, Dh).float())  # cache [NB*bs, KVH, Dh]
+        vc.index_copy_(0, new_slots, v.float())
+        k_ctx = kc.view(-1, block_size * KVH * Dh).index_select(0, tab).view(B, -1, KVH, Dh)  # [n, S, KVH, Dh]
+        v_ctx = vc.view(-1, block_size * KVH * Dh).index_select(0, tab).view(B, -1, KVH, Dh)
+        a = _attention(qk[:, :, :H], k_ctx, v_ctx, mask, scale)                   # [n, T, H*Dh]
         x = x + lw.o(a)
         h = F.rms_norm(x, (x.shape[-1],), lw.ln2, spec.rms_norm_eps)
         g, u = lw.gate_up(h).chunk(2, -1)                                         # [n, T, F] each

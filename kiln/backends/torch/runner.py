@@ -37,7 +37,7 @@ class TorchRunner(JaxRunner):
     def _new_cache(self):
         cc, spec = self.config.cache, self.spec
         shape = (spec.num_layers, cc.num_blocks * cc.block_size, spec.num_kv_heads, spec.head_dim)
-        dtype = DTYPES[self.config.dtype]
+        dtype = DTYPES[self.config.kv_dtype]
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)   # [L, NB*bs, KVH, Dh] each
 
     def is_cached(self, key: GraphKey) -> bool:
