@@ -30,7 +30,7 @@ def build_engine(model: str = C.ModelConfig.model, dtype: str = "auto", **kwargs
     log.info("backend %s, %s", config.backend, config.dtype)
     if config.backend == "torch":
         from kiln.backends.torch.runner import TorchRunner
-        runner = TorchRunner(loaded.spec, loaded.tensors, config)
+        runner = TorchRunner(loaded.spec, TorchRunner.load_weights(loaded.spec, loaded.tensors, config), config)
     else:
         runner = JaxRunner(loaded.spec, params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(config.dtype)), config)
     del loaded.tensors

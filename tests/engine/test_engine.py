@@ -12,7 +12,7 @@ import pytest
 
 import kiln
 from kiln import config as C
-from kiln.backends.jax.runner import GraphKey, JaxRunner, is_plain_greedy
+from kiln.backends.jax.runner import GraphKey, is_plain_greedy
 from kiln.backends.platform import jax_platform
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
@@ -58,17 +58,20 @@ def _variant(base, **kwargs):
     preempting run do not each need a graph: decode is cheap to pad, prefill is not."""
     e = base.engine
     config = C.EngineConfig.create(e.spec, model=e.config.model.model, platform=jax_platform(), dtype="float32",
+                                   backend=e.config.backend,
                                    max_model_len=MAX_LEN, max_num_seqs=16, buckets={"decode_bs": (16, 16, 16)},
                                    **NO_WARMUP, **kwargs)
     llm = kiln.LLM.__new__(kiln.LLM)
-    llm.engine = LLMEngine(config, e.spec, JaxRunner(e.spec, e.runner.params, config), e.tokenizer)
+    llm.engine = LLMEngine(config, e.spec, type(e.runner)(e.spec, e.runner.params, config), e.tokenizer)
     llm.tokenizer = e.tokenizer
     return _record(llm)
 
 
-@pytest.fixture(scope="module")
-def llm(default_gguf):
-    return _record(kiln.LLM(model=str(default_gguf), dtype="float32", max_model_len=MAX_LEN, **NO_WARMUP))
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def llm(default_gguf, request):
+    """The engine on each backend, float32: every test of this module runs on both."""
+    return _record(kiln.LLM(model=str(default_gguf), backend=request.param, dtype="float32", max_model_len=MAX_LEN,
+                            **NO_WARMUP))
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +318,7 @@ def test_abort_mid_way_frees_blocks(llm, prompts):
 
 
 # -- static shapes -----------------------------------------------------------------------------------------
-def _keys_for(config, out) -> set[GraphKey]:
+def _keys_for(config, out, compiled_kinds) -> set[GraphKey]:
     """The model bucket the plan picks for one step and the sampler graph of that batch size (a lazily
     compiling runner compiles exactly these)."""
     plan = config.buckets
@@ -323,7 +326,8 @@ def _keys_for(config, out) -> set[GraphKey]:
         b, s = plan.prefill_bucket(len(out.rows), max(len(r.token_ids) for r in out.rows))
     else:
         b, s = plan.decode_bucket(len(out.rows), max(len(r.block_table) for r in out.rows))
-    return {GraphKey(out.kind, b, s), GraphKey("sample", b, 0 if all(is_plain_greedy(r) for r in out.rows) else 1)}
+    keys = {GraphKey(out.kind, b, s), GraphKey("sample", b, 0 if all(is_plain_greedy(r) for r in out.rows) else 1)}
+    return {k for k in keys if k.kind in compiled_kinds}
 
 
 def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv_llm):
@@ -332,12 +336,12 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         cfg, runner = v.engine.config, v.engine.runner
         keys = [k for k, _ in runner.compile_log]
         assert len(keys) == len(set(keys)), "a bucket compiled twice"
-        assert set(keys) == set(runner.executables)
+        assert set(keys) == {k for k in runner.executables if k.kind in runner.compiled_kinds}
         prefill_ok, decode_ok = set(cfg.buckets.prefill_buckets()), set(cfg.buckets.decode_buckets())
         samplers = {(b, g) for b in cfg.buckets.prompt_bs + cfg.buckets.decode_bs for g in (0, 1)}
         for k in keys:
             assert (k.batch, k.size) in {"prefill": prefill_ok, "decode": decode_ok, "sample": samplers}[k.kind], k
-        used = set().union(*(_keys_for(cfg, o) for o in v.history))
+        used = set().union(*(_keys_for(cfg, o, runner.compiled_kinds) for o in v.history))
         assert set(keys) == used                        # one compile per distinct bucket used, nothing else
         assert runner.real_tokens > 0 and runner.padding_tokens >= 0
 

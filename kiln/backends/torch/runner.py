@@ -15,7 +15,7 @@ import torch
 
 from kiln.backends.jax.runner import GraphKey, JaxRunner
 from kiln.backends.torch import model as TM
-from kiln.backends.torch.weights import load_weights
+from kiln.backends.torch.weights import Weights, load_weights
 from kiln.config import EngineConfig
 from kiln.models.spec import ModelSpec
 
@@ -27,12 +27,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class TorchRunner(JaxRunner):
     compiled_kinds = ("sample",)
 
-    def __init__(self, spec: ModelSpec, tensors: dict[str, np.ndarray], config: EngineConfig):
+    def __init__(self, spec: ModelSpec, weights: Weights, config: EngineConfig):
         torch.set_num_threads(os.cpu_count() or 1)
+        super().__init__(spec, weights, config)
+
+    @staticmethod
+    def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], config: EngineConfig) -> Weights:
         dtype = DTYPES[config.dtype]
         int4 = config.model.quantization == "auto" and dtype == torch.bfloat16
-        weights = load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len)
-        super().__init__(spec, weights, config)
+        return load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len)
 
     def _new_cache(self):
         cc, spec = self.config.cache, self.spec

@@ -1,7 +1,8 @@
 """Weights of the torch backend: fused projections in the compute dtype, plus 4-bit copies where lossless.
 
-A GGUF Q4_0/Q4_1 tensor dequantised to float32 holds, in each group of 32 inputs of an output row, at most 16
-evenly spaced values. Such a group is re-quantised exactly as (q - 8) * scale + zero with q in [0, 16) (scale
+A GGUF Q4_1 tensor dequantised to float32 holds, in each group of 32 inputs of an output row, values
+min + q * step with q in [0, 16), the group's min at q = 0 and its max at q = 15. Such a group is re-quantised
+exactly as (q - 8) * scale + zero with q in [0, 16) (scale
 and zero rounded to bf16, the precision of the dense bf16 copy), which is the format of ATen's CPU int4 matmul
 (`_weight_int4pack_mm_for_cpu`). At batch 1 that reads ~1/4 of the bytes of bf16; at large batches the
 bf16 matmul (oneDNN) is faster, so both copies are kept and the step picks by its token count.

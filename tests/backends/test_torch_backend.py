@@ -1,0 +1,153 @@
+"""The torch backend against Hugging Face transformers, the independent reference.
+
+Logits: backends/torch/model.forward, driven through its paged cache the ways the runner drives it (one-shot
+prefill, chunked prefill, token-by-token decode, several rows with padding), must match transformers in float32
+within 1e-3 at the last position of every step. Block tables are scrambled so a wrong block lookup shows.
+bfloat16 (the CPU default) must stay close to the float32 reference. The int4 copies are checked for being
+exact where they claim to be, and the whole engine's greedy tokens must equal transformers' generate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kiln import LLM  # noqa: E402
+from kiln.backends.platform import resolve_backend  # noqa: E402
+from kiln.backends.torch import model as TM  # noqa: E402
+from kiln.backends.torch.weights import GROUP, Linear, load_weights, lossless_int4  # noqa: E402
+from kiln.models.loader import load_model  # noqa: E402
+from tests.backends.test_model_vs_hf import (BLOCK, LAZY, PROMPT_LENS, assert_close, hf_greedy, hf_logits,  # noqa: E402
+                                             kiln_greedy, prompt)
+from tests.tiny import VARIANTS, load_hf, save_tiny_model  # noqa: E402
+
+NUM_BLOCKS = 24
+
+
+class TorchForward:
+    """The torch model over a paged cache laid out as the runner lays it out, with a scrambled block table."""
+
+    def __init__(self, spec, tensors, dtype=torch.float32, int4=False):
+        self.spec = spec
+        self.w = load_weights(spec, tensors, dtype, int4, 256)
+        shape = (spec.num_layers, NUM_BLOCKS * BLOCK, spec.num_kv_heads, spec.head_dim)
+        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        perm = np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)).astype(np.int32)
+        self.tables = [perm[:8], perm[8:16]]                         # two rows' blocks, 0 (null) in neither
+
+    def step(self, rows: list[tuple[list[int], int]], pad_rows: int = 0, pad_to: int | None = None) -> np.ndarray:
+        """rows: (new token ids, start position) per row, row i using table i. Returns last logits [n, V]."""
+        T = pad_to or max(len(ids) for ids, _ in rows)
+        B = len(rows) + pad_rows
+        tokens, positions, slots = (np.zeros((B, T), np.int32) for _ in range(3))
+        tables = np.zeros((B, 8), np.int32)
+        lens = np.zeros(B, np.int32)
+        for i, (ids, start) in enumerate(rows):
+            pos = np.arange(start, start + len(ids))
+            tokens[i, :len(ids)], positions[i, :len(ids)] = ids, pos
+            slots[i, :len(ids)] = self.tables[i][pos // BLOCK] * BLOCK + pos % BLOCK
+            tables[i], lens[i] = self.tables[i], len(ids)
+        return TM.forward(self.spec, self.w, self.k, self.v, BLOCK, tokens, positions, slots, tables,
+                          lens).numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, folder, load_hf(folder), load_model(str(folder), tmp_path_factory.getbasetemp())
+
+
+def test_tiny_logits_match_transformers(tiny):
+    name, _, hf, loaded = tiny
+    spec, V = loaded.spec, loaded.spec.vocab_size
+    for n in PROMPT_LENS:
+        ids = prompt(n, V)
+        ref = hf_logits(hf, ids)
+        fwd = TorchForward(spec, loaded.tensors)
+        assert_close(fwd.step([(ids, 0)], pad_rows=2, pad_to=64)[0], ref[-1], f"{name} prefill T={n}")
+    ids = prompt(50, V)
+    ref = hf_logits(hf, ids)
+    for chunk in (BLOCK, 20):
+        fwd = TorchForward(spec, loaded.tensors)
+        for s in range(0, 50, chunk):
+            part = ids[s:s + chunk]
+            assert_close(fwd.step([(part, s)])[0], ref[s + len(part) - 1], f"{name} chunk of {chunk} at {s}")
+    fwd = TorchForward(spec, loaded.tensors)
+    other = prompt(9, V, seed=3)
+    got = fwd.step([(ids[:13], 0), (other, 0)])                       # two rows of different lengths
+    assert_close(got[0], ref[12], f"{name} prefill 13 beside a 9-token row")
+    assert_close(got[1], hf_logits(hf, other)[-1], f"{name} the 9-token row")
+    for s in range(13, 50):                                            # decode beside the other row
+        got = fwd.step([(ids[s:s + 1], s), (other[:1], 9)], pad_rows=1)
+        assert_close(got[0], ref[s], f"{name} decode at position {s}")
+
+
+def test_tiny_bf16_close_to_float32_reference(tiny):
+    name, _, hf, loaded = tiny
+    ids = prompt(33, loaded.spec.vocab_size)
+    ref = hf_logits(hf, ids)[-1]
+    got = TorchForward(loaded.spec, loaded.tensors, torch.bfloat16).step([(ids, 0)])[0]
+    err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+    assert err < 0.05, f"{name}: bf16 logits off the float32 reference by {err:.3f} of their range"
+    assert got.argmax() == ref.argmax()
+
+
+def test_tiny_greedy_matches_transformers(tiny):
+    name, folder, hf, loaded = tiny
+    llm = LLM(model=str(folder), backend="torch", dtype="float32", max_model_len=128, kv_cache_gib=0.01,
+              max_num_seqs=4, **LAZY)
+    assert llm.engine.config.backend == "torch"
+    prompts = [prompt(n, loaded.spec.vocab_size, seed=7) for n in (1, 7, 33)]
+    for p, got in zip(prompts, kiln_greedy(llm, prompts, 32)):
+        want = hf_greedy(hf, p, 32)
+        assert got == want, f"{name} prompt of {len(p)} tokens: kiln {got} != transformers {want}"
+
+
+def _q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A [n, k] float32 weight as a GGUF Q4_1 tensor dequantises: per 32 inputs, min + q * step, where the
+    quantiser maps each group's min to q = 0 and its max to q = 15."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // GROUP, GROUP), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    step = torch.rand(n, k // GROUP, 1, generator=g) * 0.01 + 1e-3
+    lo = torch.randn(n, k // GROUP, 1, generator=g) * 0.05
+    return (lo + q * step).reshape(n, k)
+
+
+def test_int4_copy_is_exact_for_4bit_weights_only():
+    w = _q4_weight(64, 128)
+    packed = lossless_int4(w)
+    assert packed is not None
+    assert lossless_int4(w + torch.randn_like(w) * 1e-3) is None      # 17+ levels per group: not 4-bit
+    lin = Linear.of(w.bfloat16(), None, packed)
+    x = torch.randn(3, 128).bfloat16()
+    ref = x.float() @ w.T
+    dense = torch.nn.functional.linear(x, w.bfloat16()).float()
+    got = lin(x).float()                                               # 3 tokens: the int4 kernel
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() / scale < 2e-2
+    assert (got - ref).abs().max() <= 2 * (dense - ref).abs().max() + 1e-2 * scale   # as close as bf16
+
+
+@pytest.mark.slow
+def test_default_model_bf16_int4_answers_like_transformers(default_gguf, default_hf_dir):
+    """The CPU default (bf16 + the GGUF's 4-bit weights kept 4-bit) on the default model: the greedy answer to
+    a chat prompt equals transformers' in float32 on the same weights."""
+    llm = LLM(model=str(default_gguf), backend="torch", max_model_len=256, kv_cache_gib=0.05, **LAZY)
+    runner = llm.engine.runner
+    assert llm.engine.config.dtype == "bfloat16" and runner.params.num_int4 == 4 * llm.engine.spec.num_layers
+    tok = llm.tokenizer
+    p = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    got = kiln_greedy(llm, [p], 8)[0]
+    assert got == hf_greedy(load_hf(default_hf_dir), p, 8), tok.decode(got)
+
+
+def test_resolve_backend():
+    assert resolve_backend("jax", "cpu") == "jax"
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("auto", "gpu") == "jax"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("tpu-native", "cpu")
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_backend("torch", "gpu")
