@@ -57,7 +57,7 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str) -> dict
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
     cfg = llm.engine.config
-    return {"engine": f"kiln {cfg.backend} ({cfg.dtype})", "n": n, "gen_tokens": gen, "time_s": round(dt, 2),
+    return {"engine": f"kiln {cfg.backend} ({cfg.dtype})", "n": n, "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
             "init_s": round(init, 1), "compiles_while_serving": llm.engine.runner.guard.while_serving}
 
@@ -95,7 +95,17 @@ def main() -> None:
     for run in a.kiln.split(","):
         backend, _, dtype = run.partition(":")
         results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype or "auto"))
-        print("RESULT " + json.dumps(results[-1]), flush=True)
+        print("RESULT " + json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), flush=True)
+    # W1 outputs against the float32 engine (equal to transformers float32 by tests/backends/test_model_vs_hf.py)
+    ref = next((r["tokens"] for r in results if "float32" in r["engine"]), None)
+    for r in results:
+        toks = r.pop("tokens")
+        if ref is not None:
+            r["w1_same_as_float32"] = f"{sum(a == b for a, b in zip(toks, ref))}/{len(ref)}"
+            r["w1_first_diff_median"] = sorted(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                                               for a, b in zip(toks, ref))[len(ref) // 2]
+            print(f"[bench] {r['engine']}: W1 sequences identical to float32: {r['w1_same_as_float32']}, "
+                  f"median first differing token {r['w1_first_diff_median']}")
     for name in filter(None, a.peers.split(",")):
         r = run_peer(name, peers, a.n, a.out_len)
         if r:

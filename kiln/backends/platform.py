@@ -19,17 +19,22 @@ def jax_platform() -> str:
     return jax.default_backend()
 
 
-def cpu_has_bf16_dot() -> bool:
-    """Whether the host CPU has bfloat16 dot-product instructions (x86 AVX512_BF16 / AMX, ARM BF16)."""
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = set()
+        return frozenset()
+    flags: set[str] = set()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return frozenset(flags)
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Whether the host CPU has bfloat16 dot-product instructions (x86 AVX512_BF16 / AMX, ARM BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_backend(backend: str, platform: str) -> str:

@@ -6,7 +6,8 @@ import logging
 import sys
 import time
 
-from kiln.config import DTYPES, ModelConfig
+from kiln.backends.platform import BACKENDS
+from kiln.config import DTYPES, QUANTIZATIONS, ModelConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +15,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=ModelConfig.model,
                    help="a known model name (smollm2-135m-instruct), an HF folder or a .gguf file "
                         "(default: %(default)s, fetched once into $KILN_CACHE_DIR/models)")
+    g.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="what runs the model step: jax (XLA graphs) or torch (PyTorch CPU kernels); auto = torch "
+                        "on a CPU with bf16 dot instructions (AVX512_BF16/AMX), where it is faster, else jax "
+                        "(also KILN_BACKEND; default: auto)")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weight and KV-cache dtype; auto = float32 on CPU, bfloat16 on accelerators")
+                   help="compute dtype; auto = float32 for jax on CPU, else bfloat16")
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="auto: the torch backend keeps 4-bit GGUF (Q4_1) layer weights 4-bit where that is "
+                        "lossless, for small batches; none: dense weights only (default: auto)")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "
                    "(default: min(model limit, 2048))")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default: 64)")
@@ -64,7 +72,8 @@ def _bucket_triple(text: str) -> tuple[int, int, int]:
 def engine_kwargs(a: argparse.Namespace) -> dict:
     buckets = {k: v for k, v in (("prompt_bs", a.prompt_bs_bucket), ("prompt_seq", a.prompt_seq_bucket),
                                  ("decode_bs", a.decode_bs_bucket), ("decode_blocks", a.decode_block_bucket)) if v}
-    return dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+    return dict(model=a.model, backend=a.backend, dtype=a.dtype, quantization=a.quantization,
+                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                 kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
                 buckets=buckets, warmup=a.warmup, allow_lazy_compile=a.allow_lazy_compile,

@@ -322,7 +322,7 @@ class InferenceServicer:
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
         return pb.ModelInfo(
             model=self.model_name or cfg.model.model, max_model_len=cfg.scheduler.max_model_len,
-            vocab_size=engine.engine.spec.vocab_size, dtype=cfg.dtype, backend="jax",
+            vocab_size=engine.engine.spec.vocab_size, dtype=cfg.dtype, backend=cfg.backend,
             platform=_platform(), max_num_seqs=cfg.scheduler.max_num_seqs,
             prefill_batch_buckets=b.prompt_bs, prefill_seq_buckets=b.prompt_seq,
             decode_batch_buckets=b.decode_bs, decode_block_buckets=b.decode_blocks,

@@ -31,8 +31,9 @@ class TorchForward:
     def __init__(self, spec, tensors, dtype=torch.float32, int4=False):
         self.spec = spec
         self.w = load_weights(spec, tensors, dtype, int4, 256)
-        shape = (spec.num_layers, NUM_BLOCKS * BLOCK, spec.num_kv_heads, spec.head_dim)
-        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        L, KVH, Dh = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        self.k = torch.zeros(L, NUM_BLOCKS, KVH, Dh, BLOCK)            # the runner's layout (TorchRunner._new_cache)
+        self.v = torch.zeros(L, NUM_BLOCKS, KVH, BLOCK, Dh)
         perm = np.random.default_rng(1).permutation(np.arange(1, NUM_BLOCKS)).astype(np.int32)
         self.tables = [perm[:8], perm[8:16]]                         # two rows' blocks, 0 (null) in neither
 
@@ -58,9 +59,22 @@ def tiny(request, tmp_path_factory):
     return request.param, folder, load_hf(folder), load_model(str(folder), tmp_path_factory.getbasetemp())
 
 
-def test_tiny_logits_match_transformers(tiny):
+@pytest.fixture(params=["kernel", "torch-ops"])
+def decode_path(request, monkeypatch):
+    """Decode attention by the csrc/ kernel, or by the torch-ops fallback used where it cannot be built."""
+    from kiln.backends.torch import kernels
+    if request.param == "kernel":
+        assert kernels.load() is not None, "the decode-attention kernel did not build on this machine"
+    else:
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    return request.param
+
+
+def test_tiny_logits_match_transformers(tiny, decode_path):
+    from kiln.backends.torch import kernels
     name, _, hf, loaded = tiny
     spec, V = loaded.spec, loaded.spec.vocab_size
+    assert (kernels.decode_kernel(spec.head_dim, BLOCK) is not None) == (decode_path == "kernel")
     for n in PROMPT_LENS:
         ids = prompt(n, V)
         ref = hf_logits(hf, ids)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kiln.backends.jax.runner import GraphKey, JaxRunner
+from kiln.backends.torch import kernels
 from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
 from kiln.config import EngineConfig
@@ -29,6 +30,7 @@ class TorchRunner(JaxRunner):
 
     def __init__(self, spec: ModelSpec, weights: Weights, config: EngineConfig):
         torch.set_num_threads(os.cpu_count() or 1)
+        kernels.load()                       # build (first run on this machine) or load the CPU kernels now
         super().__init__(spec, weights, config)
 
     @staticmethod
@@ -39,9 +41,10 @@ class TorchRunner(JaxRunner):
 
     def _new_cache(self):
         cc, spec = self.config.cache, self.spec
-        shape = (spec.num_layers, cc.num_blocks * cc.block_size, spec.num_kv_heads, spec.head_dim)
+        L, NB, KVH, bs, Dh = spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim
         dtype = DTYPES[self.config.kv_dtype]
-        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)   # [L, NB*bs, KVH, Dh] each
+        return (torch.zeros((L, NB, KVH, Dh, bs), dtype=dtype),      # K, transposed within a block
+                torch.zeros((L, NB, KVH, bs, Dh), dtype=dtype))      # V
 
     def is_cached(self, key: GraphKey) -> bool:
         return key.kind != "sample" or super().is_cached(key)

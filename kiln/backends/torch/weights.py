@@ -80,8 +80,8 @@ class Linear:
 
 @dataclasses.dataclass
 class Layer:
-    ln1: torch.Tensor      # [D]
-    ln2: torch.Tensor      # [D]
+    ln1: torch.Tensor      # [D] float32 (the residual stream is float32)
+    ln2: torch.Tensor      # [D] float32
     qkv: Linear            # D -> (H + 2 KVH) Dh
     o: Linear              # H Dh -> D
     gate_up: Linear        # D -> 2F
@@ -91,7 +91,7 @@ class Layer:
 @dataclasses.dataclass
 class Weights:
     embed: torch.Tensor    # [V, D]
-    norm: torch.Tensor     # [D]
+    norm: torch.Tensor     # [D] float32
     head: Linear           # D -> V
     head32: torch.Tensor | None  # [V, D] float32 head rows for re-scoring the top candidates (bf16 only)
     layers: list[Layer]
@@ -129,7 +129,7 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
         layers.append(Layer(
-            ln1=t(p + "input_layernorm.weight").to(dtype), ln2=t(p + "post_attention_layernorm.weight").to(dtype),
+            ln1=t(p + "input_layernorm.weight"), ln2=t(p + "post_attention_layernorm.weight"),   # float32
             qkv=linear([a + "q_proj", a + "k_proj", a + "v_proj"], spec.attention_bias),
             o=linear([a + "o_proj"], spec.o_bias),
             gate_up=linear([m + "gate_proj", m + "up_proj"], spec.mlp_bias),
@@ -138,7 +138,7 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     head32 = t("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
     head = Linear.of(embed if spec.tie_word_embeddings else head32.to(dtype).contiguous())
     cos, sin = rope_tables(spec, max_pos, dtype)
-    w = Weights(embed, t("model.norm.weight").to(dtype), head, head32 if dtype != torch.float32 else None,
+    w = Weights(embed, t("model.norm.weight"), head, head32 if dtype != torch.float32 else None,
                 layers, cos, sin)
     if int4:
         log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",

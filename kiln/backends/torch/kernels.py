@@ -1,0 +1,51 @@
+"""kiln's own CPU kernels for the torch backend (csrc/), built once per machine and kept in the cache.
+
+They are compiled for the host CPU (-march=native) with PyTorch's extension builder, into
+$KILN_CACHE_DIR/kernels/<hash of source, torch version and CPU flags>, so a second process loads the built
+library in milliseconds. Where no compiler is available the model falls back to its torch-ops path (slower,
+same results), with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.backends.platform import cpu_flags
+from kiln.config import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+HEAD_DIMS = (16, 24, 32, 64, 96, 128)   # the head_dim and block_size instances csrc/ builds
+BLOCK_SIZES = (16,)
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]   # no infinities in the kernel
+
+
+def decode_kernel(head_dim: int, block_size: int):
+    """The decode-attention kernel for this shape, or None (the model then uses its torch-ops path)."""
+    return load() if head_dim in HEAD_DIMS and block_size in BLOCK_SIZES else None
+
+
+@functools.cache
+def load():
+    """The built extension module (with `decode_attention`), or None where it cannot be built."""
+    from torch.utils import cpp_extension
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    build = cache_dir() / "kernels" / f"decode_attention-{key}"
+    build.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        mod = cpp_extension.load(name="kiln_decode_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                 extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except Exception as e:   # no compiler, no headers, no ninja: the torch-ops path serves instead
+        log.warning("could not build kiln's CPU decode-attention kernel (%s); using the slower torch-ops "
+                    "attention", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    log.info("decode-attention kernel ready in %.1fs (%s)", time.perf_counter() - t0, build)
+    return mod
