@@ -20,8 +20,8 @@ from kiln.config import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-HEAD_DIMS = (16, 24, 32, 64, 96, 128)   # the head_dim and block_size instances csrc/ builds
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+HEAD_DIMS = (16, 24, 32, 64, 128)   # the head_dim and block_size instances csrc/ builds
 BLOCK_SIZES = (16,)
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]   # no infinities in the kernel
 
@@ -33,19 +33,19 @@ def decode_kernel(head_dim: int, block_size: int):
 
 @functools.cache
 def load():
-    """The built extension module (with `decode_attention`), or None where it cannot be built."""
+    """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built."""
     from torch.utils import cpp_extension
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    build = cache_dir() / "kernels" / f"decode_attention-{key}"
+    build = cache_dir() / "kernels" / f"cpu-{key}"
     build.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        mod = cpp_extension.load(name="kiln_decode_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        mod = cpp_extension.load(name="kiln_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:   # no compiler, no headers, no ninja: the torch-ops path serves instead
-        log.warning("could not build kiln's CPU decode-attention kernel (%s); using the slower torch-ops "
-                    "attention", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("could not build kiln's CPU kernels (%s); using the slower torch-ops path",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    log.info("decode-attention kernel ready in %.1fs (%s)", time.perf_counter() - t0, build)
+    log.info("CPU kernels ready in %.1fs (%s)", time.perf_counter() - t0, build)
     return mod

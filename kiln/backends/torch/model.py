@@ -1,7 +1,7 @@
 """The Llama-family forward pass in PyTorch, eager, over a paged KV cache: the torch twin of backends/jax/model.
 
 The cache is K [L, NB, KVH, Dh, bs] (transposed within a block) and V [L, NB, KVH, bs, Dh], float32
-(attention runs in float32; see _attention), the layout the decode kernel (csrc/decode_attention.cpp) reads
+(attention runs in float32; see _attention), the layout the decode kernel (csrc/kernels.cpp) reads
 with contiguous vector loops; a token's slot is block * block_size + offset, as the block manager hands them
 out. Every step,
 prefill chunk or decode, is the same computation: write the new tokens' K/V to their slots, gather each row's
@@ -23,8 +23,18 @@ from kiln.models.spec import ModelSpec
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, N, Dh] rotated (HF rotate_half layout) by cos/sin [B, T, 1, Dh] of weights.rope_tables."""
+    """x [B, T, N, Dh] rotated (HF rotate_half layout) by cos/sin [B, T, 1, Dh] of weights.rope_tables
+    (sin's first half negated, so rotate_half(x) * sin == roll(x, Dh/2) * sin)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def _add_norm(kern, x, delta, weight, eps, dtype):
+    """x [N, D] float32 += delta (in place, when given); returns rms_norm(x) * weight in dtype."""
+    if kern is not None:
+        return kern.add_rms_norm(x, delta, weight, eps, dtype == torch.bfloat16)
+    if delta is not None:
+        x += delta
+    return F.rms_norm(x, (x.shape[-1],), weight, eps).to(dtype)
 
 
 def _attention(q, k_ctx, v_ctx, mask, scale):
@@ -55,42 +65,47 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     pos = torch.from_numpy(positions[:n]).long()                                  # [n, T]
     lens = torch.from_numpy(q_lens[:n]).long()                                    # [n]
     B, T = tok.shape
+    N = B * T                                                                     # activations are [N, ...]
     H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
     nbt = -(-int((positions[:n, 0] + q_lens[:n]).max()) // block_size)         # blocks of the longest context
     tab = torch.from_numpy(np.ascontiguousarray(tables[:n, :nbt])).long()        # [n, nbt]
-    kernel = kernels.decode_kernel(Dh, block_size) if T == 1 else None           # decode: csrc/ kernel
-    j = torch.arange(nbt * block_size)                                            # [S] context positions
-    last = pos[:, :1] + lens[:, None] - 1                                         # [n, 1] last real position
-    causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]            # [n, T, S]
-    mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))        # [n, T, S]
-    new_slots = torch.from_numpy(slots[:n]).long().reshape(-1)                    # [n*T]
-    new_blocks, new_offsets = new_slots // block_size, new_slots % block_size
-    cos, sin = w.cos[pos][:, :, None], w.sin[pos][:, :, None]                     # [n, T, 1, Dh]
+    cos, sin = w.cos[pos.view(-1)], w.sin[pos.view(-1)]                           # [N, Dh] float32
     scale = Dh ** -0.5
-
     dt, D = w.embed.dtype, w.embed.shape[1]
-    x = w.embed[tok].float()                       # [n, T, D] the residual stream stays float32 (see module doc)
+    kernel = kernels.decode_kernel(Dh, block_size) if T == 1 else None           # decode: csrc/ kernel
+    if kernel is not None:
+        ctx_lens = pos[:, 0] + 1                                                  # [n] the new token included
+    else:
+        j = torch.arange(nbt * block_size)                                        # [S] context positions
+        last = pos[:, :1] + lens[:, None] - 1                                     # [n, 1] last real position
+        causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]        # [n, T, S]
+        mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))    # [n, T, S]
+        new_slots = torch.from_numpy(slots[:n]).long().reshape(-1)                # [N]
+        new_blocks, new_offsets = new_slots // block_size, new_slots % block_size
+        cos_t, sin_t = cos.to(dt).view(B, T, 1, Dh), sin.to(dt).view(B, T, 1, Dh)
+
+    eps, kern = spec.rms_norm_eps, kernels.load()
+    x = w.embed[tok.view(-1)].float()              # [N, D] the residual stream stays float32 (see module doc)
+    delta = None                                   # what the previous layer adds to x, added by the next norm
     for layer, (kc, vc) in enumerate(zip(k_cache, v_cache)):
         lw = w.layers[layer]
-        h = F.rms_norm(x, (D,), lw.ln1, spec.rms_norm_eps).to(dt)
-        qkv = lw.qkv(h)                                                           # [n, T, (H+2KVH)*Dh]
-        qk = _rope(qkv[..., :(H + KVH) * Dh].view(B, T, H + KVH, Dh), cos, sin)  # [n, T, H+KVH, Dh]
-        v = qkv[..., (H + KVH) * Dh:].reshape(B * T, KVH, Dh)
-        kc[new_blocks, :, :, new_offsets] = qk[:, :, H:].reshape(B * T, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
-        vc[new_blocks, :, new_offsets] = v.to(vc.dtype)                                      # [NB, KVH, bs, Dh]
-        if kernel is not None:
-            a = kernel.decode_attention(qk[:, 0, :H].float().contiguous(), kc, vc, tab, pos[:, 0] + 1,
-                                        block_size, scale).view(B, 1, H * Dh).to(dt)   # [n, 1, H*Dh]
+        h = _add_norm(kern, x, delta, lw.ln1, eps, dt)
+        qkv = lw.qkv(h)                                                           # [N, (H+2KVH)*Dh]
+        if kernel is not None:                                                    # rope, cache write, attention
+            a = kernel.decode_attention(qkv, cos, sin, kc, vc, tab, ctx_lens, H, block_size, scale)  # [N, H*Dh]
         else:
+            qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), cos_t, sin_t)  # [n, T, H+KVH, Dh]
+            kc[new_blocks, :, :, new_offsets] = qk[:, :, H:].reshape(N, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
+            vc[new_blocks, :, new_offsets] = qkv[:, (H + KVH) * Dh:].reshape(N, KVH, Dh).to(vc.dtype)
             k_ctx = kc[tab].permute(0, 2, 3, 1, 4).reshape(B, KVH, Dh, -1)           # [n, KVH, Dh, S]
             v_ctx = vc[tab].permute(0, 2, 1, 3, 4).reshape(B, KVH, -1, Dh)           # [n, KVH, S, Dh]
-            a = _attention(qk[:, :, :H], k_ctx, v_ctx, mask, scale)               # [n, T, H*Dh]
-        x += lw.o(a)
-        h = F.rms_norm(x, (D,), lw.ln2, spec.rms_norm_eps).to(dt)
-        g, u = lw.gate_up(h).chunk(2, -1)                                         # [n, T, F] each
-        x += lw.down(F.silu(g) * u)
-    x = x[torch.arange(B), lens - 1]                                              # [n, D] last real token
-    x = F.rms_norm(x, (D,), w.norm, spec.rms_norm_eps)                            # [n, D] float32
+            a = _attention(qk[:, :, :H], k_ctx, v_ctx, mask, scale).view(N, H * Dh)
+        h = _add_norm(kern, x, lw.o(a), lw.ln2, eps, dt)
+        g, u = lw.gate_up(h).chunk(2, -1)                                         # [N, F] each
+        delta = lw.down(F.silu(g) * u)
+    x += delta
+    x = x.view(B, T, D)[torch.arange(B), lens - 1].contiguous()                   # [n, D] last real token
+    x = _add_norm(kern, x, None, w.norm, eps, torch.float32)                      # [n, D] float32
     logits = w.head(x.to(dt)).float()                                             # [n, V]
     if w.head32 is not None:
         _rescore_top(logits, x, w.head32)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 GROUP = 32             # int4 group size along the input dimension (= the GGUF block size)
 PACK_BATCH = 64        # the batch size oneDNN's packed weight layout is tuned for (it serves any batch)
-INT4_MAX_TOKENS = 16   # steps with fewer tokens than this use the int4 copies (measured crossover, BENCHMARKS.md)
+SMALL_M = 16           # steps with fewer tokens than this use the int4/int8 copies (measured crossover, BENCHMARKS.md)
 
 
 def lossless_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -58,6 +58,7 @@ class Linear:
     bias: torch.Tensor | None = None                      # [out]
     int4: tuple[torch.Tensor, torch.Tensor] | None = None # lossless_int4's result, when kept
     packed: bool = False
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None # int8 [out, in] + bf16 row scales (the head only)
 
     @classmethod
     def of(cls, w: torch.Tensor, bias: torch.Tensor | None = None, int4=None) -> "Linear":
@@ -65,17 +66,16 @@ class Linear:
         return cls(w if p is None else p, bias, int4, p is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        x2 = x.reshape(-1, x.shape[-1])                                   # [M, in]
-        if self.int4 is not None and x2.shape[0] < INT4_MAX_TOKENS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4[0], GROUP, self.int4[1])
-            if self.bias is not None:
-                y = y + self.bias
-        elif self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
-        else:
-            y = F.linear(x2, self.weight, self.bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        """x [M, in] -> [M, out]."""
+        if x.shape[0] < SMALL_M and self.int4 is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4[0], GROUP, self.int4[1])
+            return y if self.bias is None else y + self.bias
+        if x.shape[0] < SMALL_M and self.int8 is not None:
+            y = torch.ops.aten._weight_int8pack_mm(x, *self.int8)
+            return y if self.bias is None else y + self.bias
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 @dataclasses.dataclass
@@ -95,21 +95,21 @@ class Weights:
     head: Linear           # D -> V
     head32: torch.Tensor | None  # [V, D] float32 head rows for re-scoring the top candidates (bf16 only)
     layers: list[Layer]
-    cos: torch.Tensor      # [max_pos, Dh] rope tables, compute dtype
-    sin: torch.Tensor      # [max_pos, Dh], the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
+    cos: torch.Tensor      # [max_pos, Dh] rope tables, float32
+    sin: torch.Tensor      # [max_pos, Dh] float32, the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
 
     @property
     def num_int4(self) -> int:
         return sum(lin.int4 is not None for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down))
 
 
-def rope_tables(spec: ModelSpec, max_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
     from kiln.kernels.rope import inv_frequencies
     inv = torch.from_numpy(inv_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling))  # [Dh/2]
     f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                              # [P, Dh/2]
     cos = torch.cat([f.cos(), f.cos()], -1)
     sin = torch.cat([-f.sin(), f.sin()], -1)
-    return cos.to(dtype), sin.to(dtype)
+    return cos, sin
 
 
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
@@ -137,7 +137,10 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     embed = t("model.embed_tokens.weight").to(dtype).contiguous()
     head32 = t("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
     head = Linear.of(embed if spec.tie_word_embeddings else head32.to(dtype).contiguous())
-    cos, sin = rope_tables(spec, max_pos, dtype)
+    if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
+        scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
+        head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
+    cos, sin = rope_tables(spec, max_pos)
     w = Weights(embed, t("model.norm.weight"), head, head32 if dtype != torch.float32 else None,
                 layers, cos, sin)
     if int4:

@@ -1,0 +1,199 @@
+// kiln's CPU kernels for the torch backend (built by kiln/backends/torch/kernels.py).
+//
+// decode_attention: one layer's attention for a decode step, straight from kiln's paged KV cache: rotary embedding of the new
+// token's q and k, the write of its K/V into the cache, and its attention over the whole context, in one call.
+//
+// The torch-ops path runs ~25 small ops per layer for this (rope, two scatters, two gathers into contiguous
+// copies, head-major permutes, batched matmuls, softmax); at batch 1 their dispatch costs more than the math.
+// Here every cached K/V block is read once, in place, and scores stay float32. One task per (row, kv head)
+// serves the G = H / KVH query heads that share that kv head. The cache layout makes both products vector
+// loops over contiguous memory, with no horizontal sums:
+//
+//   qkv      [B, (H + 2 KVH) Dh]     float32 or bfloat16: the fused projection of the new tokens
+//   cos, sin [B, Dh]                 float32 rotary tables at each row's position (sin's first half negated)
+//   k_cache  [NB, KVH, Dh, bs]       float32 or bfloat16 (one layer; K transposed within a block)
+//   v_cache  [NB, KVH, bs, Dh]
+//   tables   [B, NBt]                int64 block ids
+//   ctx_lens [B]                     int64 tokens of context, the new token's included
+//   returns  [B, H Dh]               qkv's dtype
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+template <typename TQ, typename TC, int BS, int DH>
+static void decode_attention_impl(const TQ* qkv, const float* cos, const float* sin, TC* kc, TC* vc,
+                                  const int64_t* tables, const int64_t* ctx_lens, TQ* out, int64_t B, int64_t H,
+                                  int64_t KVH, int64_t NBt, float scale) {
+  const int64_t G = H / KVH, W = (H + 2 * KVH) * DH;
+  constexpr int HALF = DH / 2;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, acc(G * DH), qs(G * DH), inv(G);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KVH, h = i % KVH, S = ctx_lens[b], nblk = (S + BS - 1) / BS, Sp = nblk * BS;
+      const TQ* row = qkv + b * W;
+      const float *c = cos + b * DH, *sn = sin + b * DH;
+      auto rope = [&](const TQ* x, int d) {
+        return static_cast<float>(x[d]) * c[d] + static_cast<float>(x[(d + HALF) % DH]) * sn[d];
+      };
+      for (int64_t g = 0; g < G; ++g)                                   // q of the G heads, rotated, scaled
+        for (int d = 0; d < DH; ++d) qs[g * DH + d] = rope(row + (h * G + g) * DH, d) * scale;
+      {                                                                 // the new token's K/V into the cache
+        const int64_t p = S - 1, blk = tables[b * NBt + p / BS], off = p % BS;
+        TC* kd = kc + (blk * KVH + h) * DH * BS + off;                  // K[blk, h, :, off]
+        TC* vd = vc + ((blk * KVH + h) * BS + off) * DH;                // V[blk, h, off, :]
+        const TQ* k = row + (H + h) * DH;
+        const TQ* v = row + (H + KVH + h) * DH;
+        for (int d = 0; d < DH; ++d) {
+          kd[d * BS] = static_cast<TC>(rope(k, d));
+          vd[d] = static_cast<TC>(static_cast<float>(v[d]));
+        }
+      }
+      s.resize(G * Sp);
+      for (int64_t blk = 0; blk < nblk; ++blk) {                        // scores: s[g, t] = q[g] . K[t]
+        const TC* kb = kc + (tables[b * NBt + blk] * KVH + h) * DH * BS; // [DH, BS]
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qs.data() + g * DH;
+          float a[BS] = {};                                             // one vector register
+          for (int d = 0; d < DH; ++d) {
+            const float qd = qg[d];
+            const TC* kr = kb + d * BS;
+            for (int t = 0; t < BS; ++t) a[t] += qd * static_cast<float>(kr[t]);
+          }
+          std::copy(a, a + BS, s.data() + g * Sp + blk * BS);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {                                 // softmax over the S real positions
+        float* sg = s.data() + g * Sp;
+        const float m = *std::max_element(sg, sg + S);
+        float z = 0.f;
+        for (int64_t t = 0; t < S; ++t) z += (sg[t] = std::exp(sg[t] - m));
+        inv[g] = 1.f / z;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < S; ++t) {                                 // acc[g] += p[g, t] V[t]
+        const TC* v = vc + ((tables[b * NBt + t / BS] * KVH + h) * BS + t % BS) * DH;
+        float vr[DH];
+        for (int d = 0; d < DH; ++d) vr[d] = static_cast<float>(v[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = s[g * Sp + t];
+          float* a = acc.data() + g * DH;
+          for (int d = 0; d < DH; ++d) a[d] += p * vr[d];
+        }
+      }
+      TQ* o = out + b * H * DH + h * G * DH;
+      for (int64_t g = 0; g < G; ++g)
+        for (int d = 0; d < DH; ++d) o[g * DH + d] = static_cast<TQ>(acc[g * DH + d] * inv[g]);
+    }
+  });
+}
+
+template <typename TQ, typename TC>
+static void dispatch_dh(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                        torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& tables,
+                        const torch::Tensor& ctx_lens, torch::Tensor& out, int64_t H, float scale) {
+  const int64_t B = qkv.size(0), Dh = cos.size(1), KVH = kc.size(1), NBt = tables.size(1);
+  auto run = [&](auto impl) {
+    impl(qkv.data_ptr<TQ>(), cos.data_ptr<float>(), sin.data_ptr<float>(), kc.data_ptr<TC>(), vc.data_ptr<TC>(),
+         tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), out.data_ptr<TQ>(), B, H, KVH, NBt, scale);
+  };
+  switch (Dh) {   // kernels.HEAD_DIMS
+    case 16: run(decode_attention_impl<TQ, TC, 16, 16>); break;
+    case 24: run(decode_attention_impl<TQ, TC, 16, 24>); break;
+    case 32: run(decode_attention_impl<TQ, TC, 16, 32>); break;
+    case 64: run(decode_attention_impl<TQ, TC, 16, 64>); break;
+    case 128: run(decode_attention_impl<TQ, TC, 16, 128>); break;
+    default: TORCH_CHECK(false, "decode_attention: head_dim ", Dh, " not built");
+  }
+}
+
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor tables, torch::Tensor ctx_lens,
+                               int64_t num_heads, int64_t block_size, double scale) {
+  const int64_t B = qkv.size(0), KVH = k_cache.size(1), Dh = cos.size(-1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * KVH) * Dh,
+              "qkv: [B, (H + 2 KVH) Dh] contiguous");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.size(0) == B && sin.sizes() == cos.sizes(), "cos/sin: [B, Dh] float32");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.scalar_type() == v_cache.scalar_type() && k_cache.size(2) == Dh && v_cache.size(3) == Dh &&
+              k_cache.size(3) == block_size && v_cache.size(2) == block_size,
+              "k/v cache: [NB, KVH, Dh, bs] and [NB, KVH, bs, Dh], one dtype");
+  TORCH_CHECK(num_heads % KVH == 0, "num_heads is not a multiple of the cache's kv heads");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.size(0) == B,
+              "tables: [B, NBt] int64");
+  TORCH_CHECK(ctx_lens.scalar_type() == torch::kInt64 && ctx_lens.is_contiguous() && ctx_lens.numel() == B,
+              "ctx_lens: [B] int64");
+  TORCH_CHECK(B == 0 || (ctx_lens.min().item<int64_t>() >= 1 &&
+                         ctx_lens.max().item<int64_t>() <= tables.size(1) * block_size),
+              "ctx_lens outside [1, NBt * block_size]");
+  TORCH_CHECK(block_size == 16, "decode_attention: block_size ", block_size, " not built");
+  auto out = torch::empty({B, num_heads * Dh}, qkv.options());
+  const bool qf = qkv.scalar_type() == torch::kFloat32, cf = k_cache.scalar_type() == torch::kFloat32;
+  TORCH_CHECK((qf || qkv.scalar_type() == torch::kBFloat16) && (cf || k_cache.scalar_type() == torch::kBFloat16),
+              "qkv and the cache: float32 or bfloat16");
+  const float sc = static_cast<float>(scale);
+  if (qf && cf) dispatch_dh<float, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
+  else if (qf) dispatch_dh<float, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
+  else if (cf) dispatch_dh<at::BFloat16, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
+  else dispatch_dh<at::BFloat16, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
+  return out;
+}
+
+// add_rms_norm: the residual add and the RMS norm that follows it, one pass per row. The residual stream x
+// [N, D] is float32 and updated in place (x += delta, when delta is given); returns the normed rows times
+// weight [D] (float32) in out_dtype. Replaces ~8 small ops (add, pow, mean, add, rsqrt, mul, mul, cast).
+template <typename TD, typename TO>
+static void add_rms_norm_impl(float* x, const TD* delta, const float* w, TO* out, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* xr = x + i * D;
+      if (delta != nullptr) {
+        const TD* dr = delta + i * D;
+        for (int64_t d = 0; d < D; ++d) xr[d] += static_cast<float>(dr[d]);
+      }
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+      const float r = 1.f / std::sqrt(ss / D + eps);
+      TO* o = out + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<TO>(xr[d] * r * w[d]);
+    }
+  });
+}
+
+template <typename TO>
+static void add_rms_norm_delta(torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& w,
+                               torch::Tensor& out, float eps) {
+  const int64_t N = x.size(0), D = x.size(1);
+  if (!delta.has_value())
+    add_rms_norm_impl<float, TO>(x.data_ptr<float>(), nullptr, w.data_ptr<float>(), out.data_ptr<TO>(), N, D, eps);
+  else if (delta->scalar_type() == torch::kFloat32)
+    add_rms_norm_impl<float, TO>(x.data_ptr<float>(), delta->data_ptr<float>(), w.data_ptr<float>(),
+                                 out.data_ptr<TO>(), N, D, eps);
+  else
+    add_rms_norm_impl<at::BFloat16, TO>(x.data_ptr<float>(), delta->data_ptr<at::BFloat16>(), w.data_ptr<float>(),
+                                        out.data_ptr<TO>(), N, D, eps);
+}
+
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps,
+                           bool bf16_out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: [N, D] float32");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == x.size(1),
+              "weight: [D] float32");
+  if (delta.has_value())
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->is_contiguous() &&
+                (delta->scalar_type() == torch::kFloat32 || delta->scalar_type() == torch::kBFloat16),
+                "delta: [N, D] contiguous, float32 or bfloat16");
+  auto out = torch::empty(x.sizes(), x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
+  if (bf16_out) add_rms_norm_delta<at::BFloat16>(x, delta, weight, out, static_cast<float>(eps));
+  else add_rms_norm_delta<float>(x, delta, weight, out, static_cast<float>(eps));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * weight (CPU)");
+  m.def("decode_attention", &decode_attention,
+        "rope + KV-cache write + attention of one decode step of one layer, over a paged KV cache (CPU)");
+}
