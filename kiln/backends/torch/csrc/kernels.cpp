@@ -22,15 +22,78 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::BFloat16* p) {   // bf16 -> f32: the 16 bits become the high half
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+// Scores of up to 4 query heads (qs rows g0.., zero-padded to 4) against one K block [DH, 16]: four
+// independent FMA chains per K row loaded, instead of one dependent chain per head.
+template <typename TC, int DH>
+static inline void block_scores4(const float* qs, const TC* kb, float* s0, float* s1, float* s2, float* s3) {
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int d = 0; d < DH; ++d) {
+    const __m512 k = load16(kb + d * 16);
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d]), k, a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(qs[DH + d]), k, a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(qs[2 * DH + d]), k, a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(qs[3 * DH + d]), k, a3);
+  }
+  _mm512_storeu_ps(s0, a0); _mm512_storeu_ps(s1, a1); _mm512_storeu_ps(s2, a2); _mm512_storeu_ps(s3, a3);
+#else
+  float* out[4] = {s0, s1, s2, s3};
+  for (int j = 0; j < 4; ++j) {
+    float a[16] = {};
+    for (int d = 0; d < DH; ++d)
+      for (int t = 0; t < 16; ++t) a[t] += qs[j * DH + d] * static_cast<float>(kb[d * 16 + t]);
+    std::copy(a, a + 16, out[j]);
+  }
+#endif
+}
+
+// acc[g0 + j, c0 : c0 + 64] = sum_t p[g0 + j, t] V[t, c0 : c0 + 64] for 4 heads (p rows zero-padded) and one
+// 64-wide chunk of head_dim: 16 accumulators stay in registers over the whole context.
+template <typename TC, int DH, int BS>
+static inline void pv_chunk4(const float* p, int64_t Sp, int64_t S, const TC* vc, const int64_t* table,
+                             int64_t KVH, int64_t h, int c0, float* acc) {
+#if defined(__AVX512F__)
+  __m512 a[4][4];
+  for (int j = 0; j < 4; ++j)
+    for (int c = 0; c < 4; ++c) a[j][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < S; ++t) {
+    const TC* v = vc + ((table[t / BS] * KVH + h) * BS + t % BS) * DH + c0;
+    const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j * Sp + t]);
+      a[j][0] = _mm512_fmadd_ps(pj, v0, a[j][0]);
+      a[j][1] = _mm512_fmadd_ps(pj, v1, a[j][1]);
+      a[j][2] = _mm512_fmadd_ps(pj, v2, a[j][2]);
+      a[j][3] = _mm512_fmadd_ps(pj, v3, a[j][3]);
+    }
+  }
+  for (int j = 0; j < 4; ++j)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + j * DH + c0 + 16 * c, a[j][c]);
+#endif
+}
 
 template <typename TQ, typename TC, int BS, int DH>
 static void decode_attention_impl(const TQ* qkv, const float* cos, const float* sin, TC* kc, TC* vc,
                                   const int64_t* tables, const int64_t* ctx_lens, TQ* out, int64_t B, int64_t H,
                                   int64_t KVH, int64_t NBt, float scale) {
+  static_assert(BS == 16, "block_scores4 reads K blocks of 16 positions");
   const int64_t G = H / KVH, W = (H + 2 * KVH) * DH;
   constexpr int HALF = DH / 2;
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, acc(G * DH), qs(G * DH), inv(G);
+    const int64_t G4 = (G + 3) / 4 * 4;                                 // heads padded to passes of 4
+    std::vector<float> s, acc(G * DH), acc4(G4 * DH), qs(G4 * DH, 0.f), inv(G);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, h = i % KVH, S = ctx_lens[b], nblk = (S + BS - 1) / BS, Sp = nblk * BS;
       const TQ* row = qkv + b * W;
@@ -51,18 +114,14 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
           vd[d] = static_cast<TC>(static_cast<float>(v[d]));
         }
       }
-      s.resize(G * Sp);
+      s.resize((G4 + 1) * Sp);                                          // + a scratch row for padded heads
+      float* scratch = s.data() + G4 * Sp;
       for (int64_t blk = 0; blk < nblk; ++blk) {                        // scores: s[g, t] = q[g] . K[t]
         const TC* kb = kc + (tables[b * NBt + blk] * KVH + h) * DH * BS; // [DH, BS]
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qs.data() + g * DH;
-          float a[BS] = {};                                             // one vector register
-          for (int d = 0; d < DH; ++d) {
-            const float qd = qg[d];
-            const TC* kr = kb + d * BS;
-            for (int t = 0; t < BS; ++t) a[t] += qd * static_cast<float>(kr[t]);
-          }
-          std::copy(a, a + BS, s.data() + g * Sp + blk * BS);
+        for (int64_t g = 0; g < G4; g += 4) {
+          float* o[4];
+          for (int j = 0; j < 4; ++j) o[j] = (g + j < G ? s.data() + (g + j) * Sp : scratch) + blk * BS;
+          block_scores4<TC, DH>(qs.data() + g * DH, kb, o[0], o[1], o[2], o[3]);
         }
       }
       for (int64_t g = 0; g < G; ++g) {                                 // softmax over the S real positions
@@ -72,15 +131,27 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
         for (int64_t t = 0; t < S; ++t) z += (sg[t] = std::exp(sg[t] - m));
         inv[g] = 1.f / z;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < S; ++t) {                                 // acc[g] += p[g, t] V[t]
-        const TC* v = vc + ((tables[b * NBt + t / BS] * KVH + h) * BS + t % BS) * DH;
-        float vr[DH];
-        for (int d = 0; d < DH; ++d) vr[d] = static_cast<float>(v[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = s[g * Sp + t];
-          float* a = acc.data() + g * DH;
-          for (int d = 0; d < DH; ++d) a[d] += p * vr[d];
+#if defined(__AVX512F__)
+      if constexpr (DH % 64 == 0) {                                     // acc[g] = sum_t p[g, t] V[t]
+        for (int64_t g = 0; g < G4; g += 4) {
+          const float* pg = s.data() + g * Sp;                          // rows past G: finite, discarded
+          for (int c0 = 0; c0 < DH; c0 += 64)
+            pv_chunk4<TC, DH, BS>(pg, Sp, S, vc, tables + b * NBt, KVH, h, c0, acc4.data() + g * DH);
+        }
+        std::copy(acc4.begin(), acc4.begin() + G * DH, acc.begin());
+      } else
+#endif
+      {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < S; ++t) {                               // acc[g] += p[g, t] V[t]
+          const TC* v = vc + ((tables[b * NBt + t / BS] * KVH + h) * BS + t % BS) * DH;
+          float vr[DH];
+          for (int d = 0; d < DH; ++d) vr[d] = static_cast<float>(v[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * Sp + t];
+            float* a = acc.data() + g * DH;
+            for (int d = 0; d < DH; ++d) a[d] += p * vr[d];
+          }
         }
       }
       TQ* o = out + b * H * DH + h * G * DH;
