@@ -238,6 +238,10 @@ class JaxRunner:
         else:
             batch = (tokens, positions, slots, tables, starts)
         self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *batch)
+        return self._sample(rows, logits, B, want_lp)
+
+    def _sample(self, rows, logits, B: int, want_lp: int) -> StepResult:
+        """Tokens for the rows from logits [B, V] by the sampler graph of batch B (plain greedy or general)."""
         want_top = np.bool_(want_lp > 0)
         if all(is_plain_greedy(r) for r in rows):
             res = self._graph_for("sample", B, 0)[1](logits, want_top)

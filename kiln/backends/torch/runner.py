@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from kiln.backends.jax.runner import GraphKey, JaxRunner
+from kiln.backends.jax.runner import GraphKey, JaxRunner, StepResult, is_plain_greedy
 from kiln.backends.torch import kernels
 from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
@@ -58,11 +58,17 @@ class TorchRunner(JaxRunner):
         return GraphKey(kind, b, size), self._step
 
     def _step(self, weights, k_cache, v_cache, tokens, positions, slots, tables, starts, q_lens=None):
-        """The executable's signature: (params, caches, batch...) -> (caches, logits [B, V] float32)."""
+        """The executable's signature: (params, caches, batch...) -> (caches, logits [n, V] float32, torch)."""
         if q_lens is None:                                          # decode: one token per row
             q_lens = np.ones(len(tokens), np.int32)
         logits = TM.forward(self.spec, weights, k_cache, v_cache, self.config.cache.block_size,
-                            tokens, positions, slots, tables, q_lens)           # [n, V]
-        out = np.zeros((len(tokens), logits.shape[1]), np.float32)               # [B, V]
+                            tokens, positions, slots, tables, q_lens)
+        return k_cache, v_cache, logits
+
+    def _sample(self, rows, logits: torch.Tensor, B: int, want_lp: int) -> StepResult:
+        """Plain greedy rows without logprobs: the argmax, here; anything else: the JAX sampler graphs."""
+        if not want_lp and all(is_plain_greedy(r) for r in rows):
+            return StepResult(logits.argmax(-1).tolist(), [0.0] * len(rows), None)
+        out = np.zeros((B, logits.shape[1]), np.float32)                         # [B, V] padded
         out[:len(logits)] = logits.numpy()
-        return k_cache, v_cache, out
+        return super()._sample(rows, out, B, want_lp)
