@@ -342,7 +342,10 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         for k in keys:
             assert (k.batch, k.size) in {"prefill": prefill_ok, "decode": decode_ok, "sample": samplers}[k.kind], k
         used = set().union(*(_keys_for(cfg, o, runner.compiled_kinds) for o in v.history))
-        assert set(keys) == used                        # one compile per distinct bucket used, nothing else
+        if "decode" in runner.compiled_kinds:
+            assert set(keys) == used                    # one compile per distinct bucket used, nothing else
+        else:                                           # torch: greedy steps without logprobs use no graph
+            assert set(keys) <= used
         assert runner.real_tokens > 0 and runner.padding_tokens >= 0
 
 

@@ -47,5 +47,5 @@ def load():
         log.warning("could not build kiln's CPU kernels (%s); using the slower torch-ops path",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    log.info("CPU kernels ready in %.1fs (%s)", time.perf_counter() - t0, build)
+    log.info("CPU kernels loaded in %.1fs (%s)", time.perf_counter() - t0, build)
     return mod

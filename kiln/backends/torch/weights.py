@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -117,6 +118,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     """HF-named float32 tensors -> Weights; `int4` keeps lossless 4-bit copies of the layer projections."""
     from kiln.backends.jax.model import check_tensors
     check_tensors(spec, tensors)
+    # memory-mapped safetensors are read-only; every tensor made here is copied (cast, packed) or only read
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     t = lambda name: torch.from_numpy(np.asarray(tensors[name], dtype=np.float32))
 
     def linear(names: list[str], bias: bool) -> Linear:
