@@ -37,6 +37,16 @@ def machine_bounds() -> dict:
         for _ in range(10):
             f(x).block_until_ready()
         out[f"matmul_{dt}_GFLOPs"] = round(10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9, 1)
+    try:                                     # PyTorch's oneDNN bf16 matmul (the torch backend's)
+        import torch
+        a = torch.ones(1024, 1024, dtype=torch.bfloat16)
+        a @ a
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        out["matmul_bfloat16_onednn_GFLOPs"] = round(10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9, 1)
+    except ImportError:
+        pass
     return out
 
 
@@ -56,10 +66,40 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str) -> dict
     t1 = time.perf_counter()
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
-    cfg = llm.engine.config
+    cfg, params = llm.engine.config, llm.engine.runner.params
+    wbytes = params.bytes_read(1) if hasattr(params, "bytes_read") else sum(
+        x.nbytes for x in __import__("jax").tree.leaves(params))
     return {"engine": f"kiln {cfg.backend} ({cfg.dtype})", "n": n, "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
-            "init_s": round(init, 1), "compiles_while_serving": llm.engine.runner.guard.while_serving}
+            "init_s": round(init, 1), "weight_bytes_per_token": wbytes, "compiles_while_serving": llm.engine.runner.guard.while_serving}
+
+
+def hf_reference(model: str, n: int, out_len: int, dtype: str) -> list[list[int]]:
+    """transformers' greedy W1 outputs (batched, left-padded) on kiln's HF copy of the model's weights."""
+    import torch
+    import workload
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kiln import config as C
+    from kiln.models.fetch import resolve_model
+    from kiln.models.loader import converted_dir
+    path = resolve_model(model, C.models_dir())
+    folder = str(path if path.is_dir() else converted_dir(path, C.models_dir()))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    with torch.inference_mode():
+        enc = tok(workload.prompts(n), return_tensors="pt", padding=True)
+        out = hf.generate(**enc, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                          pad_token_id=tok.pad_token_id or 0)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def same_outputs(a: list[list[int]], b: list[list[int]]) -> str:
+    """'k/n identical, median first difference at token m' between two sets of W1 outputs."""
+    first = sorted(next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a, b))
+    return f"{sum(p == q for p, q in zip(a, b))}/{len(a)} identical, median first difference at token " \
+           f"{first[len(first) // 2]}"
 
 
 def run_peer(name: str, peers: Path, n: int, out_len: int) -> dict | None:
@@ -86,6 +126,8 @@ def main() -> None:
     ap.add_argument("--kiln", default="torch:auto,jax:float32",
                     help="comma list of kiln backend:dtype runs; the first is the one compared to the peers")
     ap.add_argument("--peers", default="vllm,llamacpp,hf", help="comma list; empty for kiln only")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip comparing W1 outputs with transformers (float32 and bfloat16) on the same weights")
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args()
     peers = Path(os.environ.get("PEERS", "~/.cache/kiln-peers")).expanduser()
@@ -96,16 +138,15 @@ def main() -> None:
         backend, _, dtype = run.partition(":")
         results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype or "auto"))
         print("RESULT " + json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), flush=True)
-    # W1 outputs against the float32 engine (equal to transformers float32 by tests/backends/test_model_vs_hf.py)
-    ref = next((r["tokens"] for r in results if "float32" in r["engine"]), None)
+    if a.reference:   # W1 outputs against transformers on the same weights, float32 and bfloat16
+        refs = {dt: hf_reference(a.model, a.n, a.out_len, dt) for dt in ("float32", "bfloat16")}
+        print(f"[bench] transformers bfloat16 vs transformers float32: {same_outputs(refs['bfloat16'], refs['float32'])}")
+        for r in results:
+            for dt, ref in refs.items():
+                r[f"w1_vs_hf_{dt}"] = same_outputs(r["tokens"], ref)
+                print(f"[bench] {r['engine']} vs transformers {dt}: {r[f'w1_vs_hf_{dt}']}")
     for r in results:
-        toks = r.pop("tokens")
-        if ref is not None:
-            r["w1_same_as_float32"] = f"{sum(a == b for a, b in zip(toks, ref))}/{len(ref)}"
-            r["w1_first_diff_median"] = sorted(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                                               for a, b in zip(toks, ref))[len(ref) // 2]
-            print(f"[bench] {r['engine']}: W1 sequences identical to float32: {r['w1_same_as_float32']}, "
-                  f"median first differing token {r['w1_first_diff_median']}")
+        r.pop("tokens")
     for name in filter(None, a.peers.split(",")):
         r = run_peer(name, peers, a.n, a.out_len)
         if r:
@@ -113,16 +154,18 @@ def main() -> None:
             results.append(r)
     kiln = results[0]
     # bounds for the default model: bytes of weights read per decode step (W2), FLOPs per token (W1)
-    weights_bytes, flops_per_token = 134.5e6 * 4 if "float32" in kiln["engine"] else 134.5e6 * 2, 2 * 134.5e6
-    w2_bound = bounds["mem_read_GBps"] * 1e9 / weights_bytes
-    w1_bound = bounds["matmul_float32_GFLOPs"] * 1e9 / flops_per_token
+    flops_per_token = 2 * 134.5e6
+    w2_bound = bounds["mem_read_GBps"] * 1e9 / kiln["weight_bytes_per_token"]
+    peak = bounds["matmul_float32_GFLOPs"] if "float32" in kiln["engine"] else max(
+        bounds["matmul_bfloat16_GFLOPs"], bounds.get("matmul_bfloat16_onednn_GFLOPs", 0))
+    w1_bound = peak * 1e9 / flops_per_token
     print(f"\n{'engine':<36} {'W1 tok/s':>9} {'W2 tok/s':>9} {'init s':>7} {'kiln/W1':>8} {'kiln/W2':>8}")
     for r in results:
         print(f"{r['engine']:<36} {r['tok_per_s']:>9} {r['single_stream_tok_per_s']:>9} {r['init_s']:>7} "
               f"{kiln['tok_per_s'] / r['tok_per_s']:>8.2f} "
               f"{kiln['single_stream_tok_per_s'] / r['single_stream_tok_per_s']:>8.2f}")
-    print(f"bounds ({kiln['engine']} weights): W2 <= {w2_bound:.0f} tok/s (bandwidth), W1 <= {w1_bound:.0f} tok/s (fp32 "
-          f"matmul); kiln reaches {kiln['single_stream_tok_per_s'] / w2_bound:.0%} and "
+    print(f"bounds for {kiln['engine']}: W2 <= {w2_bound:.0f} tok/s ({kiln['weight_bytes_per_token'] / 1e6:.0f} MB of "
+          f"weights per token at the read bandwidth), W1 <= {w1_bound:.0f} tok/s (matmul peak); kiln reaches {kiln['single_stream_tok_per_s'] / w2_bound:.0%} and "
           f"{kiln['tok_per_s'] / w1_bound:.0%}")
     out = Path(a.out)
     out.mkdir(exist_ok=True)

@@ -78,6 +78,12 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def bytes_read(self, m: int) -> int:
+        """Weight bytes one call with m input rows reads."""
+        if m < SMALL_M and (self.int4 or self.int8):
+            return sum(t.nbytes for t in (self.int4 or self.int8))
+        return self.weight.nbytes
+
 
 @dataclasses.dataclass
 class Layer:
@@ -98,6 +104,11 @@ class Weights:
     layers: list[Layer]
     cos: torch.Tensor      # [max_pos, Dh] rope tables, float32
     sin: torch.Tensor      # [max_pos, Dh] float32, the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
+
+    def bytes_read(self, m: int) -> int:
+        """Weight bytes a step of m tokens reads (the bandwidth bound of small batches)."""
+        lins = [lin for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down)] + [self.head]
+        return sum(lin.bytes_read(m) for lin in lins)
 
     @property
     def num_int4(self) -> int:
