@@ -130,7 +130,7 @@ class EngineConfig:
     memory: MemoryPlan
     dtype: str                           # resolved: float32 or bfloat16
     backend: str = "jax"                 # resolved: jax or torch
-    kv_dtype: str = "float32"            # KV cache: the compute dtype, but float32 for torch (attention in f32)
+    kv_dtype: str = "float32"            # resolved KV-cache dtype (kv_cache_dtype auto: the compute dtype)
     platform: str = "cpu"
     seed: int = 0
 
@@ -140,7 +140,7 @@ class EngineConfig:
 
     @classmethod
     def create(cls, spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str = "auto",
-               backend: str | None = None, quantization: str = "auto",
+               backend: str | None = None, quantization: str = "auto", kv_cache_dtype: str = "auto",
                block_size: int = 16, num_blocks: int = 0, kv_cache_gib: float | None = None,
                enable_prefix_caching: bool = True, max_num_seqs: int = 64,
                max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
@@ -172,7 +172,12 @@ class EngineConfig:
             space = os.environ.get("KILN_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
             # CPU: a fixed KV budget, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE; accelerators: split free memory
             kv_cache_gib = float(space) if space else (1.0 if platform == "cpu" else None)
-        kv_dtype = "float32" if backend == "torch" else resolved
+        if kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {kv_cache_dtype!r}")
+        if kv_cache_dtype != "auto" and backend != "torch" and kv_cache_dtype != resolved:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype} needs backend torch; jax keeps the cache in dtype "
+                             f"{resolved}")
+        kv_dtype = resolved if kv_cache_dtype == "auto" else kv_cache_dtype
         itemsize = 4 if kv_dtype == "float32" else 2
         per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
         if num_blocks:

@@ -50,11 +50,12 @@ def machine_bounds() -> dict:
     return out
 
 
-def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str) -> dict:
+def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str) -> dict:
     import workload
     from kiln import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(model=model, backend=backend, dtype=dtype, max_num_seqs=max(n, 1), max_model_len=512)
+    llm = LLM(model=model, backend=backend, dtype=dtype, kv_cache_dtype=kv, max_num_seqs=max(n, 1),
+              max_model_len=512)
     init = time.perf_counter() - t0
     sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     prompts = workload.prompts(n)
@@ -69,7 +70,8 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str) -> dict
     cfg, params = llm.engine.config, llm.engine.runner.params
     wbytes = params.bytes_read(1) if hasattr(params, "bytes_read") else sum(
         x.nbytes for x in __import__("jax").tree.leaves(params))
-    return {"engine": f"kiln {cfg.backend} ({cfg.dtype})", "n": n, "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
+    kv_note = f", KV {cfg.kv_dtype}" if cfg.kv_dtype != cfg.dtype else ""
+    return {"engine": f"kiln {cfg.backend} ({cfg.dtype}{kv_note})", "n": n, "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
             "init_s": round(init, 1), "weight_bytes_per_token": wbytes, "compiles_while_serving": llm.engine.runner.guard.while_serving}
 
@@ -90,7 +92,8 @@ def hf_reference(model: str, n: int, out_len: int, dtype: str) -> list[list[int]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     with torch.inference_mode():
         enc = tok(workload.prompts(n), return_tensors="pt", padding=True)
-        out = hf.generate(**enc, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+        # eos_token_id=[]: EOS neither stops nor is suppressed, as kiln's ignore_eos (min_new_tokens would mask it)
+        out = hf.generate(**enc, max_new_tokens=out_len, do_sample=False, eos_token_id=[],
                           pad_token_id=tok.pad_token_id or 0)
     return out[:, enc["input_ids"].shape[1]:].tolist()
 
@@ -124,7 +127,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--kiln", default="torch:auto,jax:float32",
-                    help="comma list of kiln backend:dtype runs; the first is the one compared to the peers")
+                    help="comma list of kiln backend:dtype[:kv_cache_dtype] runs; the first is compared to the peers")
     ap.add_argument("--peers", default="vllm,llamacpp,hf", help="comma list; empty for kiln only")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip comparing W1 outputs with transformers (float32 and bfloat16) on the same weights")
@@ -135,8 +138,8 @@ def main() -> None:
     print("machine:", bounds)
     results = []
     for run in a.kiln.split(","):
-        backend, _, dtype = run.partition(":")
-        results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype or "auto"))
+        backend, dtype, kv = (run.split(":") + ["auto", "auto"])[:3]
+        results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype, kv))
         print("RESULT " + json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), flush=True)
     if a.reference:   # W1 outputs against transformers on the same weights, float32 and bfloat16
         refs = {dt: hf_reference(a.model, a.n, a.out_len, dt) for dt in ("float32", "bfloat16")}

@@ -21,6 +21,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "(also KILN_BACKEND; default: auto)")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto = float32 for jax on CPU, else bfloat16")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=DTYPES,
+                   help="KV-cache dtype; auto = the compute dtype (torch backend: float32 also possible)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="auto: the torch backend keeps 4-bit GGUF (Q4_1) layer weights 4-bit where that is "
                         "lossless, for small batches; none: dense weights only (default: auto)")
@@ -73,6 +75,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     buckets = {k: v for k, v in (("prompt_bs", a.prompt_bs_bucket), ("prompt_seq", a.prompt_seq_bucket),
                                  ("decode_bs", a.decode_bs_bucket), ("decode_blocks", a.decode_block_bucket)) if v}
     return dict(model=a.model, backend=a.backend, dtype=a.dtype, quantization=a.quantization,
+                kv_cache_dtype=a.kv_cache_dtype,
                 max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                 kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,

@@ -216,3 +216,18 @@ def test_add_rms_norm_kernel_matches_torch():
     got = kern.add_rms_norm(x, delta, w, 1e-5, False)
     assert torch.allclose(x, x_ref) and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert kern.add_rms_norm(x, None, w, 1e-5, True).dtype == torch.bfloat16
+
+
+def test_backend_dtype_and_kv_cache_dtype_resolution(tiny):
+    from kiln.config import EngineConfig
+    spec = tiny[3].spec
+    make = lambda **kw: EngineConfig.create(spec, max_model_len=64, num_blocks=8, **kw)
+    torch_cfg = make(backend="torch")
+    assert (torch_cfg.backend, torch_cfg.dtype, torch_cfg.kv_dtype) == ("torch", "bfloat16", "bfloat16")
+    assert make(backend="torch", kv_cache_dtype="float32").kv_dtype == "float32"
+    jax_cfg = make(backend="jax")
+    assert (jax_cfg.dtype, jax_cfg.kv_dtype) == ("float32", "float32")
+    with pytest.raises(ValueError, match="kv_cache_dtype=bfloat16 needs backend torch"):
+        make(backend="jax", kv_cache_dtype="bfloat16")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        make(backend="torch", kv_cache_dtype="fp8")

@@ -1,9 +1,9 @@
 """The Llama-family forward pass in PyTorch, eager, over a paged KV cache: the torch twin of backends/jax/model.
 
-The cache is K [L, NB, KVH, Dh, bs] (transposed within a block) and V [L, NB, KVH, bs, Dh], float32
-(attention runs in float32; see _attention), the layout the decode kernel (csrc/kernels.cpp) reads
-with contiguous vector loops; a token's slot is block * block_size + offset, as the block manager hands them
-out. Every step,
+The cache is K [L, NB, KVH, Dh, bs] (transposed within a block) and V [L, NB, KVH, bs, Dh] in the KV-cache
+dtype (the compute dtype unless --kv-cache-dtype says otherwise; scores and softmax are float32 either way),
+the layout the decode kernel (csrc/kernels.cpp) reads with contiguous vector loops; a token's slot is
+block * block_size + offset, as the block manager hands them out. Every step,
 prefill chunk or decode, is the same computation: write the new tokens' K/V to their slots, gather each row's
 context block by block, attend causally from each new token's position.
 
