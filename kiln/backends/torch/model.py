@@ -3,13 +3,14 @@
 The cache is K [L, NB, KVH, Dh, bs] (transposed within a block) and V [L, NB, KVH, bs, Dh] in the KV-cache
 dtype (the compute dtype unless --kv-cache-dtype says otherwise; scores and softmax are float32 either way),
 the layout the decode kernel (csrc/kernels.cpp) reads with contiguous vector loops; a token's slot is
-block * block_size + offset, as the block manager hands them out. Every step,
-prefill chunk or decode, is the same computation: write the new tokens' K/V to their slots, gather each row's
-context block by block, attend causally from each new token's position.
+block * block_size + offset, as the block manager hands them out. Every step, prefill chunk or decode, is the
+same computation: write the new tokens' K/V to their slots, attend causally from each new token's position over
+its row's context (decode: csrc/ kernel; prefill: gathered blocks and torch ops). Rows whose first slot is 0
+(the null block) are bucket padding and are not computed.
 
 In bfloat16 the matmul inputs and the weights are bf16 but the residual stream is float32: hidden values of the
 default model reach ~25,000, where bf16's spacing is 128, and a bf16 residual (as transformers keeps it) loses
-most of what each layer adds. Norm weights are float32 for the same reason. Rows whose first slot is 0 (the null block) are bucket padding and are not computed.
+most of what each layer adds. Norm weights are float32 for the same reason.
 """
 from __future__ import annotations
 
