@@ -1,7 +1,7 @@
 """Start-up: cold `kiln warmup`, warm `kiln warmup`, and process start to first token with a warm graph cache,
 each in a fresh process against one temporary graph cache; optionally vLLM CPU's start time in the same run.
 
-    .venv/bin/python scripts/bench_startup.py [--max-num-seqs 64 --max-model-len 512] [--vllm]
+    .venv/bin/python scripts/bench_startup.py [--max-num-seqs 64 --max-model-len 512] [--backend torch] [--vllm]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ FIRST_TOKEN = """
 import time, sys
 t0 = float(sys.argv[1])
 from kiln import LLM, SamplingParams
-llm = LLM(model=sys.argv[2], max_num_seqs=int(sys.argv[3]), max_model_len=int(sys.argv[4]))
+llm = LLM(model=sys.argv[2], max_num_seqs=int(sys.argv[3]), max_model_len=int(sys.argv[4]), backend=sys.argv[5])
 out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=1))
 print("FIRST_TOKEN", time.time() - t0, llm.engine.runner.guard.total, flush=True)
 """
@@ -38,18 +38,19 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--backend", default="auto", help="kiln's backend: auto, jax or torch")
     ap.add_argument("--vllm", action="store_true", help="also time vLLM CPU's start (../shared/peers)")
     a = ap.parse_args()
     env = {**os.environ, "KILN_CACHE_DIR": tempfile.mkdtemp(prefix="kiln-bench-cache-"),
            "KILN_MODELS_DIR": os.environ.get("KILN_MODELS_DIR", str(Path("~/.cache/kiln/models").expanduser()))}
     kiln = [sys.executable, "-m", "kiln.entrypoints.cli", "--log-level", "WARNING", "warmup", "--model", a.model,
-            "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(a.max_model_len)]
+            "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(a.max_model_len), "--backend", a.backend]
     res = {}
     res["cold_warmup_s"], out = timed(kiln, env)
     res["graphs"] = out.strip().splitlines()[-1]
     res["warm_warmup_s"], _ = timed(kiln, env)
     _, out = timed([sys.executable, "-c", FIRST_TOKEN, str(time.time()), a.model, str(a.max_num_seqs),
-                    str(a.max_model_len)], env)
+                    str(a.max_model_len), a.backend], env)
     line = next(l for l in out.splitlines() if l.startswith("FIRST_TOKEN"))
     res["warm_start_to_first_token_s"], res["compiles_in_warm_start"] = float(line.split()[1]), int(line.split()[2])
     if a.vllm:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "shared" / "peers"))
 
 GROUPS = {   # C function name fragment -> what it is
-    "_linear_pointwise": "matmuls, bf16 (oneDNN)", "_weight_int4pack_mm": "matmuls, int4",
+    "_linear_pointwise": "matmuls, bf16 (oneDNN)", "_weight_int4pack_mm_for_cpu": "matmuls, int4",
     "_weight_int8pack_mm": "LM head, int8", "decode_attention": "decode attention kernel (rope, KV write)",
     "add_rms_norm": "residual add + RMS norm kernel", "topk": "top-8 logits re-scored in float32",
     "einsum": "top-8 logits re-scored in float32", "argmax": "greedy argmax", "silu": "SiLU",

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 GROUP = 32             # int4 group size along the input dimension (= the GGUF block size)
 PACK_BATCH = 64        # the batch size oneDNN's packed weight layout is tuned for (it serves any batch)
-SMALL_M = 16           # steps with fewer tokens than this use the int4/int8 copies (measured crossover, BENCHMARKS.md)
+SMALL_M = 8            # steps with fewer tokens than this use the int4/int8 copies (measured crossover, BENCHMARKS.md)
 
 
 def lossless_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
