@@ -231,3 +231,25 @@ def test_backend_dtype_and_kv_cache_dtype_resolution(tiny):
         make(backend="jax", kv_cache_dtype="bfloat16")
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         make(backend="torch", kv_cache_dtype="fp8")
+
+
+def test_kernel_build_recovers_from_a_stale_lock(tmp_path, monkeypatch):
+    """A build killed half-way leaves torch's lock file; the next start must not wait on it forever."""
+    import os
+    import time as _time
+
+    from kiln.backends.torch import kernels
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    kernels.load.cache_clear()
+    try:
+        first = kernels.load()                                        # builds into tmp_path
+        assert first is not None
+        build = next((tmp_path / "kernels").iterdir())
+        lock = build / "lock"
+        lock.write_text("")
+        old = _time.time() - kernels.STALE_LOCK_S - 10
+        os.utime(lock, (old, old))
+        kernels.load.cache_clear()
+        assert kernels.load() is not None and not lock.exists()
+    finally:
+        kernels.load.cache_clear()

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 HEAD_DIMS = (16, 24, 32, 64, 128)   # the head_dim and block_size instances csrc/ builds
 BLOCK_SIZES = (16,)
+STALE_LOCK_S = 300                      # a build takes ~25 s; an older lock is an interrupted one
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]   # no infinities in the kernel
 
 
@@ -39,6 +40,12 @@ def load():
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     build = cache_dir() / "kernels" / f"cpu-{key}"
     build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"                    # torch's builder waits while this exists: a killed build leaves it
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale kernel-build lock (%s) left by an interrupted build", lock)
+        lock.unlink(missing_ok=True)
+    if not (build / "kiln_cpu_kernels.so").exists():
+        log.info("building kiln's CPU kernels for this machine (once, ~25 s) into %s", build)
     t0 = time.perf_counter()
     try:
         mod = cpp_extension.load(name="kiln_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,

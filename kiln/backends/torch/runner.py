@@ -7,7 +7,6 @@ real rows and the real context, so there is no model graph to compile and no seq
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -19,8 +18,6 @@ from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
 from kiln.config import EngineConfig
 from kiln.models.spec import ModelSpec
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -2,10 +2,11 @@
 
 A GGUF Q4_1 tensor dequantised to float32 holds, in each group of 32 inputs of an output row, values
 min + q * step with q in [0, 16), the group's min at q = 0 and its max at q = 15. Such a group is re-quantised
-exactly as (q - 8) * scale + zero with q in [0, 16) (scale
-and zero rounded to bf16, the precision of the dense bf16 copy), which is the format of ATen's CPU int4 matmul
-(`_weight_int4pack_mm_for_cpu`). At batch 1 that reads ~1/4 of the bytes of bf16; at large batches the
-bf16 matmul (oneDNN) is faster, so both copies are kept and the step picks by its token count.
+exactly as (q - 8) * scale + zero (scale and zero rounded to bf16, the precision of the dense bf16 copy), the
+format of ATen's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`). At batch 1 that reads ~1/4 of the bytes of
+bf16; from ~8 tokens on, the bf16 matmul (oneDNN) is faster, so both copies are kept and each step picks by its
+token count. The head gets an int8 copy (per-row scales, approximate) for the same small steps: the model
+re-scores every row's top logits in float32 from the exact head weights.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def lossless_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def pack(w: torch.Tensor) -> torch.Tensor | None:
     """w [out, in] in oneDNN's blocked layout, or None where this PyTorch has no oneDNN. Measured here
-    (BENCHMARKS.md): ~1.2x faster bf16 and ~2.9x faster float32 matmuls than F.linear on the plain weight."""
+    (BENCHMARKS.md): ~1.5x faster bf16 and ~2.6x faster float32 matmuls than F.linear on the plain weight."""
     try:
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
     except (AttributeError, RuntimeError):
