@@ -135,10 +135,12 @@ def test_int4_copy_is_exact_for_4bit_weights_only():
     assert packed is not None
     assert lossless_int4(w + torch.randn_like(w) * 1e-3) is None      # 17+ levels per group: not 4-bit
     lin = Linear.of(w.bfloat16(), None, packed)
+    assert lin.packed, "oneDNN weight packing (torch.ops.mkldnn private ops) is gone from this torch"
     x = torch.randn(3, 128).bfloat16()
     ref = x.float() @ w.T
     dense = torch.nn.functional.linear(x, w.bfloat16()).float()
     got = lin(x).float()                                               # 3 tokens: the int4 kernel
+    assert torch.allclose(Linear.of(w.bfloat16())(x.repeat(8, 1)).float()[:3], dense, atol=2e-2)  # 24: oneDNN
     scale = ref.abs().max()
     assert (got - ref).abs().max() / scale < 2e-2
     assert (got - ref).abs().max() <= 2 * (dense - ref).abs().max() + 1e-2 * scale   # as close as bf16
