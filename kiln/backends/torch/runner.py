@@ -7,8 +7,6 @@ real rows and the real context, so there is no model graph to compile and no seq
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -26,7 +24,6 @@ class TorchRunner(JaxRunner):
     compiled_kinds = ("sample",)
 
     def __init__(self, spec: ModelSpec, weights: Weights, config: EngineConfig):
-        torch.set_num_threads(os.cpu_count() or 1)
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
         super().__init__(spec, weights, config)
 
