@@ -51,6 +51,7 @@ def machine_bounds() -> dict:
 
 
 def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str) -> dict:
+    import jax
     import workload
     from kiln import LLM, SamplingParams
     t0 = time.perf_counter()
@@ -68,12 +69,14 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
     cfg, params = llm.engine.config, llm.engine.runner.params
-    wbytes = params.bytes_read(1) if hasattr(params, "bytes_read") else sum(
-        x.nbytes for x in __import__("jax").tree.leaves(params))
+    # weight bytes one single-stream step reads: the torch backend's by batch size, the jax backend's all of them
+    wbytes = params.bytes_read(1) if cfg.backend == "torch" else sum(x.nbytes for x in jax.tree.leaves(params))
     kv_note = f", KV {cfg.kv_dtype}" if cfg.kv_dtype != cfg.dtype else ""
-    return {"engine": f"kiln {cfg.backend} ({cfg.dtype}{kv_note})", "n": n, "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
+    return {"engine": f"kiln {cfg.backend} ({cfg.dtype}{kv_note})", "n": n,
+            "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
-            "init_s": round(init, 1), "weight_bytes_per_token": wbytes, "compiles_while_serving": llm.engine.runner.guard.while_serving}
+            "init_s": round(init, 1), "weight_bytes_per_token": wbytes,
+            "compiles_while_serving": llm.engine.runner.guard.while_serving}
 
 
 def hf_reference(model: str, n: int, out_len: int, dtype: str) -> list[list[int]]:

@@ -106,14 +106,17 @@ class Weights:
     cos: torch.Tensor      # [max_pos, Dh] rope tables, float32
     sin: torch.Tensor      # [max_pos, Dh] float32, the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
 
+    def projections(self) -> list[Linear]:
+        """Every layer's four projections, in order."""
+        return [lin for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down)]
+
     def bytes_read(self, m: int) -> int:
         """Weight bytes a step of m tokens reads (the bandwidth bound of small batches)."""
-        lins = [lin for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down)] + [self.head]
-        return sum(lin.bytes_read(m) for lin in lins)
+        return sum(lin.bytes_read(m) for lin in self.projections() + [self.head])
 
     @property
     def num_int4(self) -> int:
-        return sum(lin.int4 is not None for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down))
+        return sum(lin.int4 is not None for lin in self.projections())
 
 
 def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
