@@ -1,0 +1,79 @@
+"""The one contract between the engine and a device: `ModelRunner`.
+
+    LLMEngine ── SchedulerOutput ──> runner.execute(step) ──> StepResult   (one call per engine step)
+    kiln warmup / LLM(...) ──> runner.warmup(check_only=...) ──> WarmupReport
+    planner ──> Runner.kv_bytes_per_block(...) (before the runner exists: it sizes the KV cache)
+    metrics ──> runner.stats() ──> RunnerStats
+
+Every backend (jax, torch, mock) implements this interface and nothing else is asked of it; the engine, the
+scheduler and the servers import this module, never a concrete backend (backends/registry.py builds one by
+name). No backend subclasses another. Methods take keyword arguments only, except `execute`'s one step.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from kiln.compile.warmup import WarmupReport
+    from kiln.config import EngineConfig
+    from kiln.engine.scheduler_output import SchedulerOutput
+    from kiln.models.spec import ModelSpec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step produced, row for row with the SchedulerOutput (rows with sample=False: ignore)."""
+    tokens: list[int]                          # the sampled token of each row
+    logprobs: list[float]                      # its logprob under the raw logits (0.0 when no row asked)
+    top: list[list[tuple[int, float]]] | None  # per row top-N (token, logprob), when some row asked
+
+
+@dataclasses.dataclass
+class RunnerStats:
+    """Counters of one runner since it was built; what `/metrics` and `LLMEngine.stats()` report."""
+    steps: int = 0                     # execute() calls
+    real_tokens: int = 0               # tokens of the scheduled rows (what the scheduler asked for)
+    computed_tokens: int = 0           # token positions the model step really computed, padding included
+    compiles: int = 0                  # graphs compiled by this runner (0 for an eager backend)
+    compiles_while_serving: int = 0    # ... after warmup (should stay 0)
+    graph_cache_hits: int = 0          # graphs loaded from the persistent graph cache
+    padding_by_bucket: dict[str, int] = dataclasses.field(default_factory=dict)  # bucket -> padded positions
+
+    @property
+    def padding_tokens(self) -> int:
+        """Positions computed for padding (computed - real)."""
+        return self.computed_tokens - self.real_tokens
+
+
+class ModelRunner(abc.ABC):
+    """Owns a model's weights and KV cache on one device and runs scheduled steps over them."""
+
+    name: ClassVar[str]                # the --backend value that selects it
+
+    @abc.abstractmethod
+    def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors: dict[str, Any]):
+        """Build the weights from HF-named host tensors (`tensors`, read only here) and allocate the KV cache."""
+
+    @abc.abstractmethod
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Run one scheduled step: write the rows' K/V, sample the rows with sample=True."""
+
+    @abc.abstractmethod
+    def warmup(self, *, check_only: bool = False, show_progress: bool = True) -> WarmupReport:
+        """Build (or with check_only, only look up) what serving needs, so that nothing compiles afterwards."""
+
+    @abc.abstractmethod
+    def stats(self) -> RunnerStats:
+        """A snapshot of this runner's counters."""
+
+    @classmethod
+    def kv_bytes_per_block(cls, *, spec: ModelSpec, block_size: int, kv_dtype: str) -> int:
+        """Bytes of K and V one cache block takes on this backend (the planner sizes the cache with it)."""
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[kv_dtype]
+
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (listeners, threads). Optional."""

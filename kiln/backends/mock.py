@@ -1,0 +1,83 @@
+"""A hand-computable runner: the engine, the servers and the batch runner are tested on it without a model.
+
+A row's next token is `next_token(last, pos, vocab)` = (3 * last + pos + 1) % vocab, where `last` is the row's
+last scheduled token and `pos` its position. On top of that, with the engine's semantics:
+- sampled rows (temperature > 0, not top_k 1) add `(seed * 1000003 + output_index * 7919) % vocab`, so a draw
+  depends only on the row's own seed and step, never on the batch;
+- a positive `logit_bias` entry wins outright (the largest bias, then the smallest id); a token with a negative
+  bias is skipped (the next id is taken);
+- while `output_index < min_tokens`, the row's eos ids and `stop_token_ids` are skipped the same way;
+- the sampled token's logprob is `mock_logprob(token)` = -0.25 * (1 + token % 4), and the top-N list is the
+  sampled token then the next ids, each 1.0 lower.
+`fault` (a callable given the step) may raise to inject a failure; `step_seconds` slows every step down.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from kiln.backends.base import ModelRunner, RunnerStats, StepResult
+
+
+def next_token(last: int, pos: int, vocab: int) -> int:
+    return (3 * last + pos + 1) % vocab
+
+
+def mock_logprob(token: int) -> float:
+    return -0.25 * (1 + token % 4)
+
+
+class MockRunner(ModelRunner):
+    name = "mock"
+
+    def __init__(self, *, spec, config, tensors: dict[str, Any] | None = None):
+        self.spec, self.config = spec, config
+        self.vocab = spec.vocab_size
+        self.fault: Callable[[Any], None] | None = None
+        self.step_seconds = 0.0
+        self.steps: list[Any] = []              # every SchedulerOutput executed, for tests
+        self._stats = RunnerStats()
+
+    def _pick(self, row) -> int:
+        sp, V = row.sampling_params, self.vocab
+        last, pos = row.token_ids[-1], row.start_pos + len(row.token_ids) - 1
+        tok = next_token(last, pos, V)
+        if not sp.greedy:
+            tok = (tok + row.seed * 1000003 + row.output_index * 7919) % V
+        bias = sp.logit_bias or {}
+        best = max(bias.values(), default=0.0)
+        if best > 0:
+            tok = min(t for t, b in bias.items() if b == best)
+        banned = {t for t, b in bias.items() if b < 0}
+        if row.output_index < sp.min_tokens:
+            banned |= set(row.eos_token_ids) | set(sp.stop_token_ids or ())
+        for _ in range(V):
+            if tok not in banned:
+                break
+            tok = (tok + 1) % V
+        return tok
+
+    def execute(self, step) -> StepResult:
+        if self.fault is not None:
+            self.fault(step)
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        self.steps.append(step)
+        want = max((r.sampling_params.logprobs or 0 for r in step.rows
+                    if r.sampling_params.logprobs is not None), default=None)
+        tokens = [self._pick(r) for r in step.rows]
+        top = None
+        if want is not None:
+            top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
+        st = self._stats
+        st.steps += 1
+        st.real_tokens += step.num_tokens
+        st.computed_tokens += step.num_tokens
+        return StepResult(tokens, [mock_logprob(t) for t in tokens], top)
+
+    def warmup(self, *, check_only: bool = False, show_progress: bool = True):
+        from kiln.compile.warmup import WarmupReport
+        return WarmupReport()
+
+    def stats(self) -> RunnerStats:
+        return RunnerStats(**{**self._stats.__dict__, "padding_by_bucket": dict(self._stats.padding_by_bucket)})
