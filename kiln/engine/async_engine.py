@@ -31,8 +31,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
+        """`on_death(error)` is called once, from the engine thread, if the engine stops on an error."""
         self.engine = engine
+        self.on_death = on_death
         self.tokenizer = engine.tokenizer
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], ...]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -44,6 +46,11 @@ class AsyncEngine:
         self._thread.start()
 
     # -- public -----------------------------------------------------------------------------------
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine stopped serving, or None while it is alive."""
+        return self._error
+
     @property
     def num_pending(self) -> int:
         """Requests accepted and not yet finished (waiting or running)."""
@@ -143,3 +150,5 @@ class AsyncEngine:
             self._error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine stopped: {e}"))
+            if self.on_death is not None:
+                self.on_death(e)
