@@ -1,45 +1,153 @@
-"""kiln's configuration: frozen, validated dataclasses. The ONLY module that reads environment variables.
+"""kiln's configuration: frozen, validated dataclasses, and `Env`, the one reading of the environment.
 
-`EngineConfig.create(spec, **kwargs)` turns user options (the `LLM(...)` keyword arguments and CLI flags)
-into one immutable object once the model's spec is known, deriving what depends on it (max_model_len,
-bucket ranges, the number of KV blocks).
+This module is a leaf: it imports nothing else of kiln. Derivation that needs the model, the device or I/O
+(free memory, bucket ranges, backend resolution, KV bytes per block) lives in `kiln.engine.build`, which
+turns user options into an `EngineConfig`:
+
+    Env.read()  (KILN_* / VLLM_* / XLA_FLAGS, once per build)  ─┐
+    LLM(...) kwargs / CLI flags                                   ├─> engine/build.build_config ─> EngineConfig
+    ModelSpec, free memory, runner class                          ─┘
+
+`BucketPlan` and `MemoryPlan` are plain data the config holds; compile/buckets and compile/planner keep the
+functions that make them.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import os
+from collections.abc import Mapping
 from pathlib import Path
-
-from kiln.compile.buckets import BucketPlan, make_buckets
-from kiln.compile.planner import MemoryPlan, host_free_bytes, plan_memory
-from kiln.models.spec import ModelSpec
 
 DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZATIONS = ("auto", "none")
+PREFILL_STRATEGIES = ("min_tokens", "max_bs")
+DECODE_STRATEGIES = ("max_bs", "min_tokens")
+BUCKET_DIMS = ("PROMPT_BS", "PROMPT_SEQ", "DECODE_BS", "DECODE_BLOCK")
+
+
+def _truthy(v: str | None) -> bool | None:
+    return None if v is None or v == "" else v.lower() in ("1", "true", "yes")
+
+
+def _first(environ: Mapping[str, str], *names: str) -> str | None:
+    """The first of `names` set (non-empty) in the environment: kiln's spelling first, then vLLM's."""
+    return next((environ[n] for n in names if environ.get(n)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """Every environment variable kiln reads, read in one place (`Env.read`). Fields are None when unset."""
+    cache_dir: Path = Path("~/.cache/kiln").expanduser()      # KILN_CACHE_DIR: models, graphs, kernels
+    models_dir: Path | None = None                            # KILN_MODELS_DIR (default cache_dir/models)
+    backend: str | None = None                                # KILN_BACKEND
+    skip_warmup: bool | None = None                           # KILN_SKIP_WARMUP | VLLM_SKIP_WARMUP
+    kv_cache_gib: float | None = None                         # KILN_KVCACHE_SPACE | VLLM_CPU_KVCACHE_SPACE
+    buckets: Mapping[str, tuple[int | None, int | None, int | None]] = dataclasses.field(default_factory=dict)
+    xla_flags: str = ""                                       # XLA_FLAGS: they change compiled graphs
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> Env:
+        """Snapshot `environ` (default os.environ). KILN_<DIM>_BUCKET_{MIN,STEP,MAX} or the VLLM_ spelling
+        set one bucket dimension's range (DIM: PROMPT_BS, PROMPT_SEQ, DECODE_BS, DECODE_BLOCK)."""
+        e = os.environ if environ is None else environ
+        cache = Path(e.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln").expanduser()
+        buckets = {}
+        for dim in BUCKET_DIMS:
+            parts = tuple(_first(e, f"KILN_{dim}_BUCKET_{p}", f"VLLM_{dim}_BUCKET_{p}") for p in ("MIN", "STEP", "MAX"))
+            if any(parts):
+                buckets[dim] = tuple(int(p) if p else None for p in parts)
+        space = _first(e, "KILN_KVCACHE_SPACE", "VLLM_CPU_KVCACHE_SPACE")
+        return cls(cache_dir=cache,
+                   models_dir=Path(e["KILN_MODELS_DIR"]).expanduser() if e.get("KILN_MODELS_DIR") else None,
+                   backend=e.get("KILN_BACKEND") or None,
+                   skip_warmup=_truthy(_first(e, "KILN_SKIP_WARMUP", "VLLM_SKIP_WARMUP")),
+                   kv_cache_gib=float(space) if space else None, buckets=buckets, xla_flags=e.get("XLA_FLAGS", ""))
+
+    @property
+    def models(self) -> Path:
+        return self.models_dir or self.cache_dir / "models"
 
 
 def cache_dir() -> Path:
-    """Root of kiln's on-disk state (models, graph cache): $KILN_CACHE_DIR or ~/.cache/kiln."""
-    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln").expanduser()
+    """Root of kiln's on-disk state (models, graph cache, kernels): $KILN_CACHE_DIR or ~/.cache/kiln."""
+    return Env.read().cache_dir
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("KILN_MODELS_DIR") or cache_dir() / "models").expanduser()
+    return Env.read().models
 
 
-def bucket_range(name: str, given: tuple[int | None, ...] | None, default: tuple[int, int, int]) -> tuple[int, ...]:
-    """(min, step, max) of one bucket dimension: a flag value wins, then KILN_<NAME>_BUCKET_{MIN,STEP,MAX}
-    (or the VLLM_ spelling Gaudi users know), then the default derived from the engine limits."""
-    out = []
-    for i, part in enumerate(("MIN", "STEP", "MAX")):
-        v = given[i] if given else None
-        if v is None:
-            env = os.environ.get(f"KILN_{name}_BUCKET_{part}") or os.environ.get(f"VLLM_{name}_BUCKET_{part}")
-            v = int(env) if env else default[i]
-        out.append(int(v))
-    return tuple(out)
+def xla_flags() -> str:
+    """XLA_FLAGS as the process sees them now."""
+    return Env.read().xla_flags
 
 
+def resolve_dtype(dtype: str, platform: str, backend: str = "jax") -> str:
+    """auto: float32 for XLA on CPU (XLA:CPU runs f32 dots faster than bf16), else bfloat16 (accelerators, and
+    PyTorch on CPU, whose oneDNN bf16 dots are the fast ones)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype if dtype != "auto" else ("float32" if platform == "cpu" and backend == "jax" else "bfloat16")
+
+
+# -- plain data the config holds --------------------------------------------------------------------------
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket >= n."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"size {n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """Prefill graphs over (batch, seq_len) and decode graphs over (batch, num_blocks) (compile/buckets)."""
+    prompt_bs: tuple[int, ...]
+    prompt_seq: tuple[int, ...]
+    decode_bs: tuple[int, ...]
+    decode_blocks: tuple[int, ...]
+    max_prompt_tokens: int          # a prefill bucket's batch x seq_len never exceeds this
+
+    def prefill_buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, seq_len) whose padded tokens fit the step budget."""
+        return [(b, s) for b, s in itertools.product(self.prompt_bs, self.prompt_seq)
+                if b * s <= self.max_prompt_tokens]
+
+    def max_prefill_seq(self, batch: int) -> int:
+        """The longest seq_len bucket a prefill of `batch` rows may use (0: none fits the budget)."""
+        b = pick(self.prompt_bs, batch)
+        return max((s for s in self.prompt_seq if b * s <= self.max_prompt_tokens), default=0)
+
+    def required_buckets(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The graphs that hold every admissible step: for each prefill batch size its longest seq_len
+        within the budget, and the largest decode bucket."""
+        prefill = [(b, self.max_prefill_seq(b)) for b in self.prompt_bs if self.max_prefill_seq(b)]
+        return prefill, [(self.decode_bs[-1], self.decode_blocks[-1])]
+
+    def decode_buckets(self) -> list[tuple[int, int]]:
+        return list(itertools.product(self.decode_bs, self.decode_blocks))
+
+    def prefill_bucket(self, batch: int, seq_len: int) -> tuple[int, int]:
+        return pick(self.prompt_bs, batch), pick(self.prompt_seq, seq_len)
+
+    def decode_bucket(self, batch: int, num_blocks: int) -> tuple[int, int]:
+        return pick(self.decode_bs, batch), pick(self.decode_blocks, num_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How usable memory is split between compiled graphs and the KV cache (compile/planner.plan_memory)."""
+    free_bytes: int
+    usable_bytes: int
+    prompt_graph_bytes: int
+    decode_graph_bytes: int
+    kv_bytes: int
+    num_blocks: int
+
+
+# -- the configuration ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model: str = "smollm2-135m-instruct"
@@ -80,19 +188,6 @@ class SchedulerConfig:
                 raise ValueError(f"{f} must be at least 1, got {getattr(self, f)}")
 
 
-def resolve_dtype(dtype: str, platform: str, backend: str = "jax") -> str:
-    """auto: float32 for XLA on CPU (XLA:CPU runs f32 dots faster than bf16), else bfloat16 (accelerators, and
-    PyTorch on CPU, whose oneDNN bf16 dots are the fast ones)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return dtype if dtype != "auto" else ("float32" if platform == "cpu" and backend == "jax" else "bfloat16")
-
-
-def xla_flags() -> str:
-    """XLA_FLAGS as the process sees them: they change compiled graphs, so they are in graph-cache keys."""
-    return os.environ.get("XLA_FLAGS", "")
-
-
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
     warmup: bool = True                  # compile (or load from the graph cache) every planned bucket up front
@@ -106,7 +201,6 @@ class CompileConfig:
     compile_workers: int = 2             # graphs compiled at once
 
     def __post_init__(self):
-        from kiln.compile.planner import DECODE_STRATEGIES, PREFILL_STRATEGIES
         if self.prefill_strategy not in PREFILL_STRATEGIES:
             raise ValueError(f"prefill_strategy must be one of {PREFILL_STRATEGIES}, got {self.prefill_strategy!r}")
         if self.decode_strategy not in DECODE_STRATEGIES:
@@ -115,13 +209,10 @@ class CompileConfig:
             if not 0.0 <= getattr(self, f) <= 1.0:
                 raise ValueError(f"{f} must be in [0, 1], got {getattr(self, f)}")
 
-    @property
-    def graph_cache_dir(self) -> Path:
-        return cache_dir() / "graphs"
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """Everything an engine is built from, resolved (engine/build.build_config makes one)."""
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
@@ -129,84 +220,16 @@ class EngineConfig:
     compile: CompileConfig
     memory: MemoryPlan
     dtype: str                           # resolved: float32 or bfloat16
-    backend: str = "jax"                 # resolved: jax or torch
+    backend: str = "jax"                 # resolved: jax, torch (or mock, in tests)
     kv_dtype: str = "float32"            # resolved KV-cache dtype (kv_cache_dtype auto: the compute dtype)
     platform: str = "cpu"
     seed: int = 0
+    env: Env = dataclasses.field(default_factory=Env)   # the environment snapshot this config was built with
 
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.scheduler.max_model_len // self.cache.block_size)
 
-    @classmethod
-    def create(cls, spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str = "auto",
-               backend: str | None = None, quantization: str = "auto", kv_cache_dtype: str = "auto",
-               block_size: int = 16, num_blocks: int = 0, kv_cache_gib: float | None = None,
-               enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-               max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-               seed: int = 0, platform: str = "cpu", free_bytes: int | None = None,
-               buckets: dict[str, tuple[int, int, int]] | None = None,
-               **compile_kwargs) -> "EngineConfig":
-        from kiln.backends.platform import resolve_backend
-        backend = backend or os.environ.get("KILN_BACKEND") or "auto"
-        mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
-        backend = resolve_backend(backend, platform)
-        resolved = resolve_dtype(dtype, platform, backend)
-        # kiln attends over the whole context: a sliding-window model is exact only within its window
-        window = spec.sliding_window or spec.max_position_embeddings
-        max_len = max_model_len or min(spec.max_position_embeddings, 2048, window)
-        if max_len > window:
-            raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}; kiln does not "
-                             f"implement sliding-window attention, so set --max-model-len {window} or less")
-        if max_len > spec.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
-                             f"{spec.max_position_embeddings}")
-        sc = SchedulerConfig(max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens or max(2048, min(max_len, 8192)),
-                             max_model_len=max_len)
-        if compile_kwargs.get("warmup") is None:   # VLLM_SKIP_WARMUP is what Gaudi users know
-            skip = os.environ.get("KILN_SKIP_WARMUP") or os.environ.get("VLLM_SKIP_WARMUP") or ""
-            compile_kwargs["warmup"] = skip.lower() not in ("1", "true", "yes")
-        comp = CompileConfig(**compile_kwargs)
-        if kv_cache_gib is None:
-            space = os.environ.get("KILN_KVCACHE_SPACE") or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-            # CPU: a fixed KV budget, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE; accelerators: split free memory
-            kv_cache_gib = float(space) if space else (1.0 if platform == "cpu" else None)
-        if kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {kv_cache_dtype!r}")
-        if kv_cache_dtype != "auto" and backend != "torch" and kv_cache_dtype != resolved:
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype} needs backend torch; jax keeps the cache in dtype "
-                             f"{resolved}")
-        kv_dtype = resolved if kv_cache_dtype == "auto" else kv_cache_dtype
-        itemsize = 4 if kv_dtype == "float32" else 2
-        per_block = 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
-        if num_blocks:
-            kv_bytes = num_blocks * per_block
-        else:
-            kv_bytes = None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
-        memory = plan_memory(free_bytes=host_free_bytes() if free_bytes is None else free_bytes,
-                             memory_utilization=comp.memory_utilization,
-                             graph_reserved_fraction=comp.graph_reserved_fraction,
-                             graph_prompt_ratio=comp.graph_prompt_ratio, bytes_per_block=per_block,
-                             block_size=block_size, max_model_len=max_len, kv_bytes=kv_bytes)
-        cc = CacheConfig(block_size=block_size, num_blocks=num_blocks or memory.num_blocks,
-                         kv_cache_gib=memory.kv_bytes / 2**30, enable_prefix_caching=enable_prefix_caching)
-        blocks = -(-max_len // block_size)
-        max_prompt = min(sc.max_num_batched_tokens, max_len)
-        b = buckets or {}
-        plan = BucketPlan(
-            prompt_bs=make_buckets(*bucket_range("PROMPT_BS", b.get("prompt_bs"), (1, 32, min(max_num_seqs, 64)))),
-            prompt_seq=make_buckets(*bucket_range("PROMPT_SEQ", b.get("prompt_seq"),
-                                                  (block_size, max(block_size, 256), max_prompt))),
-            decode_bs=make_buckets(*bucket_range("DECODE_BS", b.get("decode_bs"), (1, 32, max_num_seqs))),
-            decode_blocks=make_buckets(*bucket_range("DECODE_BLOCK", b.get("decode_blocks"),
-                                                     (min(4, blocks), 32, blocks))),
-            max_prompt_tokens=sc.max_num_batched_tokens)
-        if plan.decode_blocks[-1] < blocks:
-            raise ValueError(f"the largest decode block bucket ({plan.decode_blocks[-1]}) must cover max_model_len="
-                             f"{max_len} ({blocks} blocks of {block_size})")
-        if plan.prompt_seq[-1] > max_prompt or not plan.required_buckets()[0]:
-            raise ValueError(f"prompt seq_len buckets (max {plan.prompt_seq[-1]}) must fit max_num_batched_tokens="
-                             f"{sc.max_num_batched_tokens} and max_model_len={max_len}")
-        return cls(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory, dtype=resolved,
-                   backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed)
+    @property
+    def graph_cache_dir(self) -> Path:
+        return self.env.cache_dir / "graphs"

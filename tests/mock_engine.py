@@ -2,13 +2,12 @@
 engine, server and batch tests run on it in milliseconds, with outputs computable by hand."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import tempfile
 from pathlib import Path
 
-from kiln import config as C
 from kiln.backends.mock import MockRunner
+from kiln.engine.build import build_config
 from kiln.engine.llm_engine import LLMEngine
 from kiln.models.spec import ModelSpec
 from kiln.models.tokenizer import Tokenizer
@@ -34,12 +33,11 @@ def mock_spec(**overrides) -> ModelSpec:
 
 
 def mock_engine(**kwargs) -> LLMEngine:
-    """An LLMEngine on the MockRunner; kwargs are EngineConfig.create's (max_num_seqs, max_model_len, ...)."""
+    """An LLMEngine on the MockRunner; kwargs are engine.build.build_config's (max_num_seqs, max_model_len, ...)."""
     spec = mock_spec()
     kwargs.setdefault("max_model_len", 256)
     kwargs.setdefault("num_blocks", 128)
-    config = C.EngineConfig.create(spec, model="mock", platform="cpu", backend="jax", dtype="float32",
-                                   free_bytes=2**34, **kwargs)
-    config = dataclasses.replace(config, backend="mock")
+    config = build_config(spec, model="mock", platform="cpu", backend="mock", dtype="float32", free_bytes=2**34,
+                          **kwargs)
     runner = MockRunner(spec=spec, config=config, tensors={})
     return LLMEngine(config, spec, runner, tiny_tokenizer())

@@ -75,5 +75,10 @@ class ModelRunner(abc.ABC):
         """Bytes of K and V one cache block takes on this backend (the planner sizes the cache with it)."""
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[kv_dtype]
 
+    def with_config(self, *, config: EngineConfig) -> ModelRunner:
+        """Another runner over this one's weights with its own config and KV cache (engine variants of one
+        loaded model: tests, benchmarks). Optional."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share its weights")
+
     def close(self) -> None:
         """Release what the runner holds beyond memory (listeners, threads). Optional."""

@@ -13,6 +13,7 @@ last scheduled token and `pos` its position. On top of that, with the engine's s
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -57,6 +58,9 @@ class MockRunner(ModelRunner):
             tok = (tok + 1) % V
         return tok
 
+    def with_config(self, *, config) -> MockRunner:
+        return MockRunner(spec=self.spec, config=config)
+
     def execute(self, step) -> StepResult:
         if self.fault is not None:
             self.fault(step)
@@ -72,7 +76,9 @@ class MockRunner(ModelRunner):
         st = self._stats
         st.steps += 1
         st.real_tokens += step.num_tokens
-        st.computed_tokens += step.num_tokens
+        st.computed_tokens += step.num_tokens                # no padding: every token is a real one
+        bucket = f"{step.kind}(batch={len(step.rows)})"
+        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0)
         return StepResult(tokens, [mock_logprob(t) for t in tokens], top)
 
     def warmup(self, *, check_only: bool = False, show_progress: bool = True):
@@ -80,4 +86,4 @@ class MockRunner(ModelRunner):
         return WarmupReport()
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(**{**self._stats.__dict__, "padding_by_bucket": dict(self._stats.padding_by_bucket)})
+        return dataclasses.replace(self._stats, padding_by_bucket=dict(self._stats.padding_by_bucket))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-BACKENDS = ("auto", "jax", "torch")
+BACKENDS = ("auto", "jax", "torch")      # what --backend offers; "mock" (backends/mock, tests) is also accepted
 
 
 def jax_platform() -> str:
@@ -39,6 +39,8 @@ def cpu_has_bf16_dot() -> bool:
 
 def resolve_backend(backend: str, platform: str) -> str:
     """auto: torch on a CPU with bf16 dot instructions when PyTorch is installed, else jax."""
+    if backend == "mock":
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch" and platform != "cpu":

@@ -10,25 +10,16 @@ always compiled, so every admissible shape has a graph.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
-PREFILL_STRATEGIES = ("min_tokens", "max_bs")
-DECODE_STRATEGIES = ("max_bs", "min_tokens")
+from kiln.config import DECODE_STRATEGIES, PREFILL_STRATEGIES, MemoryPlan
+
+__all__ = ["DECODE_STRATEGIES", "PREFILL_STRATEGIES", "MemoryPlan", "PlanError", "host_free_bytes", "plan_memory",
+           "stable_block_count", "order_buckets", "must_compile"]
 
 
 class PlanError(ValueError):
     """The settings cannot fit: the message names the knob to turn."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPlan:
-    free_bytes: int
-    usable_bytes: int
-    prompt_graph_bytes: int
-    decode_graph_bytes: int
-    kv_bytes: int
-    num_blocks: int
 
 
 def host_free_bytes() -> int:

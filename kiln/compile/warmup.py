@@ -1,5 +1,9 @@
 """Warmup: build every planned graph before serving, from the graph cache where possible, then arm the guard.
 
+`warmup(runner)` asks the runner (`runner.warmup(...)`, the ModelRunner contract): an eager backend builds its
+kernels and compiles nothing; a compiling backend (jax) calls `build_graphs(runner)` here, which drives it through
+the planner's buckets:
+
     required buckets (hold every admissible step)  ─┐   (+ the sampler graphs of every batch size)
     other buckets in strategy order, while the      ├─> runner.load_or_compile, `compile_workers` at once
       prefill / decode graph budgets last          ─┘     [Warmup][Prompt][3/24] batch_size:4 seq_len:512 ...
@@ -12,6 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from kiln.compile.graph_key import GraphKey
 from kiln.compile.planner import host_free_bytes, order_buckets
 
 log = logging.getLogger(__name__)
@@ -37,7 +42,6 @@ def _family(runner, kind: str, buckets: list[tuple[int, int]], required: list[tu
     Graphs are built `compile_workers` at a time; memory is accounted in plan order after each group, so the
     last group may overshoot the budget by at most a group's worth.
     """
-    from kiln.backends.jax.runner import GraphKey
     ordered = [b for b in required if b in buckets] + [b for b in order_buckets(buckets, strategy) if b not in required]
     keys = [GraphKey(kind, b, s) for b, s in ordered]
     n_required = sum(b in buckets for b in required)
@@ -76,7 +80,15 @@ def _family(runner, kind: str, buckets: list[tuple[int, int]], required: list[tu
 
 
 def warmup(runner, check_only: bool = False, show_progress: bool = True) -> WarmupReport:
-    """Build (or, with check_only, only look up) every planned graph; then forbid compiling."""
+    """Make `runner` ready to serve without compiling (or, with check_only, report what it would still build)."""
+    return runner.warmup(check_only=check_only, show_progress=show_progress)
+
+
+def build_graphs(runner, check_only: bool = False, show_progress: bool = True) -> WarmupReport:
+    """Build (or, with check_only, only look up) every planned graph of a compiling runner; then forbid compiling.
+
+    The runner provides `config`, `compiled_kinds`, `is_cached(key)`, `load_or_compile(key)`, `graph_memory`
+    and `guard` (compile/guard.CompileGuard)."""
     from tqdm import tqdm
     cfg = runner.config
     plan, comp, mem = cfg.buckets, cfg.compile, cfg.memory
@@ -87,8 +99,10 @@ def warmup(runner, check_only: bool = False, show_progress: bool = True) -> Warm
     samplers = [(b, general) for b in sorted(set(plan.prompt_bs) | set(plan.decode_bs)) for general in (0, 1)]
     report = WarmupReport(kv_bytes=mem.kv_bytes)
     t0 = time.perf_counter()
-    if "prefill" not in runner.compiled_kinds:   # an eager backend: only the sampler graphs are compiled
+    if "prefill" not in runner.compiled_kinds:
         prefill, decode = [], []
+    if "sample" not in runner.compiled_kinds:
+        samplers = []
     with tqdm(total=len(prefill) + len(decode) + len(samplers), desc="warmup", unit="graph",
               disable=not show_progress) as bar:
         _family(runner, "prefill", prefill, req_prefill, comp.prefill_strategy, mem.prompt_graph_bytes, report,

@@ -1,46 +1,23 @@
-"""The vLLM-style offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+"""The vLLM-style offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`.
+
+Engines are built by kiln.engine.build (`build_engine` is re-exported here for the entrypoints)."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-import jax.numpy as jnp
-
 from kiln import config as C
-from kiln.backends.jax.model import params_from_hf
-from kiln.backends.jax.runner import JaxRunner
-from kiln.backends.platform import jax_platform
-from kiln.compile.warmup import warmup
-from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.build import build_config, build_engine
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
-from kiln.models.loader import load_model
+
+__all__ = ["LLM", "build_config", "build_engine"]
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(model: str = C.ModelConfig.model, dtype: str = "auto", **kwargs) -> LLMEngine:
-    """Load weights and tokenizer, plan memory, build the runner, warm up its graphs, build the engine.
-
-    Keyword arguments are `EngineConfig.create`'s (engine, cache and compile settings).
-    """
-    platform = jax_platform()
-    loaded = load_model(model, C.models_dir())
-    config = C.EngineConfig.create(loaded.spec, model=model, dtype=dtype, platform=platform, **kwargs)
-    log.info("backend %s, %s", config.backend, config.dtype)
-    if config.backend == "torch":
-        from kiln.backends.torch.runner import TorchRunner
-        runner = TorchRunner(loaded.spec, TorchRunner.load_weights(loaded.spec, loaded.tensors, config), config)
-    else:
-        runner = JaxRunner(loaded.spec, params_from_hf(loaded.spec, loaded.tensors, jnp.dtype(config.dtype)), config)
-    del loaded.tensors
-    if config.compile.warmup:
-        warmup(runner)
-    return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)
-
-
 class LLM:
-    """Offline batched generation. Keyword arguments are `EngineConfig.create`'s (dtype, max_model_len, ...)."""
+    """Offline batched generation. Keyword arguments are `engine.build.build_config`'s (dtype, max_model_len, ...)."""
 
     def __init__(self, model: str = C.ModelConfig.model, **kwargs):
         self.engine = build_engine(model, **kwargs)

@@ -14,7 +14,8 @@ import itertools
 import logging
 import random
 
-from kiln.backends.jax.runner import JaxRunner, StepResult
+from kiln.backends.base import ModelRunner, StepResult
+from kiln.backends.inputs import check_supported
 from kiln.config import EngineConfig
 from kiln.engine.detokenizer import IncrementalDetokenizer
 from kiln.engine.outputs import CompletionOutput, RequestOutput
@@ -22,7 +23,6 @@ from kiln.engine.request import Request
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
 from kiln.engine.scheduler_output import ScheduledRow
-from kiln.kernels.sampling import check_supported
 from kiln.models.spec import ModelSpec
 from kiln.models.tokenizer import Tokenizer
 
@@ -54,7 +54,7 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, runner: JaxRunner, tokenizer: Tokenizer):
+    def __init__(self, config: EngineConfig, spec: ModelSpec, runner: ModelRunner, tokenizer: Tokenizer):
         self.config, self.spec, self.runner, self.tokenizer = config, spec, runner, tokenizer
         self.scheduler = Scheduler(config)
         self._parents: dict[str, _Parent] = {}
@@ -171,9 +171,9 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         st = dict(self.scheduler.kv.stats())
+        rs = self.runner.stats()
         st.update(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                  preemptions=self.scheduler.num_preemptions, compiles=len(self.runner.compile_log),
-                  compiles_while_serving=self.runner.guard.while_serving,
-                  graph_cache_hits=self.runner.cache.hits if self.runner.cache else 0,
-                  padding_tokens=self.runner.padding_tokens, real_tokens=self.runner.real_tokens)
+                  preemptions=self.scheduler.num_preemptions, compiles=rs.compiles,
+                  compiles_while_serving=rs.compiles_while_serving, graph_cache_hits=rs.graph_cache_hits,
+                  padding_tokens=rs.padding_tokens, real_tokens=rs.real_tokens, computed_tokens=rs.computed_tokens)
         return st

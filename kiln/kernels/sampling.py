@@ -11,48 +11,25 @@ Order of operations per row (vLLM v1's sampler):
            inverse-CDF draw with one uniform from the key fold_in(key(seed), step), so a row's draw does not
            depend on the rest of the batch.
 
-`build_sampling_tensors` is the host side: it turns the batch's `SamplingParams` into padded numpy arrays.
+The host side, `SamplingTensors` and `build_sampling_tensors` (the batch's `SamplingParams` as padded numpy
+arrays, each row with its own eos ids), lives in kiln/backends/inputs.py, shared with the torch sampler; it is
+re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kiln.backends.inputs import (MAX_LOGIT_BIAS, MAX_STOP_IDS, SamplingTensors, build_sampling_tensors,
+                                  check_supported)
 from kiln.engine.sampling_params import GREEDY_TEMPERATURE_EPS  # one greedy threshold for host and graph
 
-if TYPE_CHECKING:
-    from kiln.engine.sampling_params import SamplingParams
-
-MAX_LOGIT_BIAS = 32
-"""Most logit_bias entries one request may carry (the width of SamplingTensors.bias_ids)."""
-
-MAX_STOP_IDS = 16
-"""Most eos + stop_token_ids suppressed while min_tokens is not reached (the width of SamplingTensors.stop_ids)."""
-
-
-class SamplingTensors(NamedTuple):
-    """Per-row sampling parameters for one batch (a pytree; numpy on the host, jax arrays in the graph)."""
-
-    temperature: jax.Array  # [B] f32, 0 = greedy
-    top_k: jax.Array  # [B] i32, 0 = off
-    top_p: jax.Array  # [B] f32, 1 = off
-    min_p: jax.Array  # [B] f32, 0 = off
-    presence_penalty: jax.Array  # [B] f32, 0 = off
-    frequency_penalty: jax.Array  # [B] f32, 0 = off
-    repetition_penalty: jax.Array  # [B] f32, 1 = off
-    seeds: jax.Array  # [B] u32 per-request seed
-    steps: jax.Array  # [B] i32 tokens generated so far (folded into the key)
-    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] i32 logit-bias token ids, -1 = unused
-    bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] f32
-    history: jax.Array  # [B, C] i32 prompt then output token ids, -1 padded (only read when penalties are on)
-    prompt_lens: jax.Array  # [B] i32 history[b, :prompt_lens[b]] is the prompt, the rest output
-    min_tokens_active: jax.Array  # [B] bool, True while the row must not emit its stop_ids
-    stop_ids: jax.Array  # [B, MAX_STOP_IDS] i32 eos + stop_token_ids, -1 = unused
+__all__ = ["MAX_LOGIT_BIAS", "MAX_STOP_IDS", "SampleOutput", "SamplingTensors", "apply_min_p", "apply_penalties",
+           "apply_top_k_top_p", "argmax", "build_sampling_tensors", "check_supported", "draw", "sample",
+           "truncate_top_k_top_p", "TOP_CANDIDATES"]
 
 
 class SampleOutput(NamedTuple):
@@ -226,96 +203,3 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0,
         top_logprobs = jnp.zeros((batch, 0), jnp.float32)  # [B, 0]
         top_ids = jnp.zeros((batch, 0), jnp.int32)  # [B, 0]
     return SampleOutput(tokens, token_logprobs, top_ids, top_logprobs)
-
-
-def check_supported(params: SamplingParams, num_eos_ids: int = 1) -> None:
-    """Raise ValueError if a request needs more logit-bias or stop-id slots than the kernel has.
-
-    Call it when a request is admitted, so that `build_sampling_tensors` never fails mid-step.
-    """
-    if params.logit_bias and len(params.logit_bias) > MAX_LOGIT_BIAS:
-        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(params.logit_bias)}.")
-    num_stop = len(params.stop_token_ids or []) + (0 if params.ignore_eos else num_eos_ids)
-    if params.min_tokens > 0 and num_stop > MAX_STOP_IDS:
-        raise ValueError(
-            f"min_tokens with more than {MAX_STOP_IDS} eos + stop_token_ids is not supported, got {num_stop}."
-        )
-
-
-def build_sampling_tensors(
-    params_list: Sequence[SamplingParams | None],
-    histories: Sequence[Sequence[int] | None],
-    prompt_lens: Sequence[int],
-    eos_ids: Sequence[int],
-    steps: Sequence[int],
-    seeds: Sequence[int],
-    batch_size: int,
-    history_len: int,
-) -> SamplingTensors:
-    """Pack the batch's parameters into numpy arrays padded to `batch_size` rows.
-
-    Row i uses `params_list[i]` (None: a padding row, greedy with no penalties); `histories[i]` is its prompt
-    then output ids (read only if some row has penalties; the last `history_len` are kept), `steps[i]` the
-    number of tokens it generated so far and `seeds[i]` its seed (the engine draws one when params.seed is None).
-    `eos_ids` are the model's end-of-sequence ids, suppressed with the stop_token_ids while min_tokens is not
-    reached (unless ignore_eos).
-    """
-    n = len(params_list)
-    if n > batch_size:
-        raise ValueError(f"{n} rows do not fit a batch of {batch_size}.")
-    temperature = np.zeros(batch_size, np.float32)
-    top_k = np.zeros(batch_size, np.int32)
-    top_p = np.ones(batch_size, np.float32)
-    min_p = np.zeros(batch_size, np.float32)
-    presence = np.zeros(batch_size, np.float32)
-    frequency = np.zeros(batch_size, np.float32)
-    repetition = np.ones(batch_size, np.float32)
-    seed_arr = np.zeros(batch_size, np.uint32)
-    step_arr = np.zeros(batch_size, np.int32)
-    bias_ids = np.full((batch_size, MAX_LOGIT_BIAS), -1, np.int32)
-    bias_values = np.zeros((batch_size, MAX_LOGIT_BIAS), np.float32)
-    history = np.full((batch_size, history_len), -1, np.int32)
-    prompt_len_arr = np.zeros(batch_size, np.int32)
-    min_tokens_active = np.zeros(batch_size, np.bool_)
-    stop_ids = np.full((batch_size, MAX_STOP_IDS), -1, np.int32)
-
-    for i, p in enumerate(params_list):
-        if p is None:
-            continue
-        check_supported(p, len(eos_ids))
-        temperature[i] = 0.0 if p.greedy else p.temperature
-        top_k[i], top_p[i], min_p[i] = p.top_k, p.top_p, p.min_p
-        seed_arr[i] = seeds[i] & 0xFFFFFFFF
-        step_arr[i] = steps[i]
-        if p.logit_bias:
-            nb = len(p.logit_bias)
-            bias_ids[i, :nb] = list(p.logit_bias.keys())
-            bias_values[i, :nb] = list(p.logit_bias.values())
-        if steps[i] < p.min_tokens:
-            ids = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
-            min_tokens_active[i] = True
-            stop_ids[i, : len(ids)] = ids
-        if p.has_penalties:
-            presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-            hist = histories[i] or ()
-            cut = max(len(hist) - history_len, 0)  # keep the most recent history_len tokens
-            history[i, : len(hist) - cut] = hist[cut:]
-            prompt_len_arr[i] = max(prompt_lens[i] - cut, 0)
-
-    return SamplingTensors(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-        repetition_penalty=repetition,
-        seeds=seed_arr,
-        steps=step_arr,
-        bias_ids=bias_ids,
-        bias_values=bias_values,
-        history=history,
-        prompt_lens=prompt_len_arr,
-        min_tokens_active=min_tokens_active,
-        stop_ids=stop_ids,
-    )

@@ -1,43 +1,58 @@
-"""JaxRunner: padding rows and padded tokens never change real rows' results.
+"""The real runners on a small random Llama (2 layers, vocab 258: compiles stay fast).
 
-A small random Llama (2 layers, vocab 256) keeps compiles fast. The same three requests run as one batch
-(3 rows in a bucket of 4, short chunks padded to the longest) and each alone on a second runner; tokens,
-logprobs and the K/V written to the requests' blocks must agree.
+- JaxRunner: padding rows and padded tokens never change real rows' results. The same three requests run as
+  one batch (3 rows in a bucket of 4, short chunks padded to the longest) and each alone on a second runner;
+  tokens, logprobs and the K/V written to the requests' blocks must agree.
+- Both runners report what a step really computed (RunnerStats), checked by hand on one prefill and one decode.
+- Both runners apply each row's own EOS ids: an ignore_eos row beside a min_tokens row does not lift the
+  min_tokens row's EOS suppression.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kiln.backends.jax.model import expected_shapes, params_from_hf
-from kiln.backends.jax.runner import JaxRunner
-from kiln.config import EngineConfig
+from kiln.backends.jax.model import expected_shapes
+from kiln.backends.registry import create_runner
+from kiln.engine.build import build_config
+from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler_output import ScheduledRow, SchedulerOutput
-from kiln.models.spec import ModelSpec
+from tests.mock_engine import mock_spec, tiny_tokenizer
+from tests.tiny import EOS
 
-SPEC = ModelSpec.from_hf_config({
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": True, "eos_token_id": 2, "rope_theta": 10000.0})
+SPEC = mock_spec(max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
+                 intermediate_size=128)
+
+
+def _tensors():
+    rng = np.random.default_rng(0)
+    return {name: (np.ones(shape, np.float32) if name.endswith("norm.weight")
+                   else rng.normal(0, 0.3, shape).astype(np.float32))
+            for name, shape in expected_shapes(SPEC).items()}
+
+
+def _config(backend, **kw):
+    return build_config(SPEC, backend=backend, dtype="float32", max_model_len=64, num_blocks=16, warmup=False,
+                        graph_cache=False, platform="cpu", free_bytes=2**34, **kw)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    rng = np.random.default_rng(0)
-    tensors = {name: (np.ones(shape, np.float32) if name.endswith("norm.weight")
-                      else rng.normal(0, 0.3, shape).astype(np.float32))
-               for name, shape in expected_shapes(SPEC).items()}
-    params = params_from_hf(SPEC, tensors, np.float32)
-    config = EngineConfig.create(SPEC, dtype="float32", max_model_len=64, num_blocks=16, warmup=False,
-                                 graph_cache=False)
-    return params, config, {}
+    return _tensors(), _config("jax"), {}
 
 
-def _runner(setup) -> JaxRunner:
-    """A fresh runner (own zeroed KV cache) sharing the module's compiled executables (same shapes)."""
-    params, config, executables = setup
-    r = JaxRunner(SPEC, params, config)
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def runner_of(request):
+    """A function making a fresh runner of the backend (own KV cache, weights shared with the first one)."""
+    first = create_runner(request.param, spec=SPEC, config=_config(request.param), tensors=_tensors())
+    return lambda: first.with_config(config=first.config)
+
+
+def _runner(setup):
+    """A fresh JAX runner (own zeroed KV cache) sharing the module's compiled executables (same shapes)."""
+    tensors, config, executables = setup
+    r = create_runner("jax", spec=SPEC, config=config, tensors=tensors)
     r.executables = executables
     return r
 
@@ -79,7 +94,7 @@ def test_padding_rows_and_tokens_do_not_change_real_rows(setup):
     toks, lps, tops = _run(batched, [0, 1, 2])
     keys = [k for k, _ in batched.compile_log]
     assert {(k.kind, k.batch) for k in keys} == {("prefill", 4), ("decode", 4), ("sample", 4)}   # 3 rows padded to 4
-    assert batched.padding_tokens > 0
+    assert batched.stats().padding_tokens > 0
 
     alone = _runner(setup)
     for i in range(3):
@@ -106,3 +121,41 @@ def test_garbage_in_null_block_is_masked(setup):
     dirty.v_cache = dirty.v_cache.at[:, 0].set(-1e4)
     toks, _, _ = _run(dirty, [0, 1, 2])
     assert toks == clean
+
+
+def test_stats_count_what_the_step_computed(runner_of):
+    """3 rows of 5, 11 and 20 tokens, then one decode token each. jax pads to its buckets: prefill (4 rows,
+    seq_len 32) = 128 positions, decode 4 rows; torch computes the 3 real rows, prefill padded to 20 = 60."""
+    runner = runner_of()
+    prompts = [REQS[0][0], REQS[1][0], REQS[2][0]]
+    rows = [_row(i, p, 0) for i, p in enumerate(prompts)]
+    res = runner.execute(SchedulerOutput("prefill", rows))
+    runner.execute(SchedulerOutput("decode", [_row(i, [res.tokens[i]], len(p), out_index=1)
+                                              for i, p in enumerate(prompts)]))
+    st = runner.stats()
+    assert (st.steps, st.real_tokens) == (2, 36 + 3)
+    if runner.name == "jax":
+        assert st.computed_tokens == 4 * 32 + 4 * 1
+        assert st.padding_by_bucket == {"prefill(batch=4, seq_len=32)": 128 - 36, "decode(batch=4, blocks=4)": 1}
+    else:
+        assert st.computed_tokens == 3 * 20 + 3 * 1
+        assert st.padding_by_bucket == {"prefill(batch=3, seq_len=20)": 60 - 36, "decode(batch=3, seq_len=1)": 0}
+        assert st.compiles == 0
+    assert st.padding_tokens == st.computed_tokens - st.real_tokens
+
+
+def test_eos_is_per_row(runner_of):
+    """Row 0 ignores EOS; row 1 has min_tokens 4 and a +100 bias on EOS. Row 1 must emit 4 other tokens, then
+    EOS, and stop; a sampler that applied row 0's (empty) EOS ids to every row would stop row 1 at once."""
+    runner = runner_of()
+    engine = LLMEngine(runner.config, SPEC, runner, tiny_tokenizer())
+    ids = [engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)),
+           engine.add_request([8, 9], SamplingParams(temperature=0, max_tokens=10, min_tokens=4,
+                                                     logit_bias={EOS: 100.0}))]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    first, second = done[ids[0]], done[ids[1]]
+    assert len(first.token_ids) == 8 and first.finish_reason == "length"
+    assert second.token_ids[4] == EOS and EOS not in second.token_ids[:4] and len(second.token_ids) == 5
+    assert second.finish_reason == "stop"

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from kiln.config import EngineConfig
+from kiln.engine.build import build_config
 from kiln.engine.request import Request, Status
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
@@ -25,7 +25,7 @@ def make_sched(**kw) -> Scheduler:
     kw.setdefault("block_size", 4)
     kw.setdefault("num_blocks", 64)
     kw.setdefault("max_model_len", 128)
-    return Scheduler(EngineConfig.create(SPEC, dtype="float32", **kw))
+    return Scheduler(build_config(SPEC, dtype="float32", backend="mock", platform="cpu", free_bytes=2**34, **kw))
 
 
 def make_req(rid: str, n_prompt: int, max_tokens: int = 8, base: int = 0) -> Request:

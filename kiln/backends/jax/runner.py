@@ -1,11 +1,14 @@
 """The JAX runner: a SchedulerOutput in, sampled tokens out, one compiled call and one host sync per step.
 
-    SchedulerOutput ──> pad to the smallest bucket (compile/buckets) ──> numpy arrays
-                    ──> the executable compiled for (kind, batch, seq_len | num_blocks, logprobs)
-                    ──> (K/V cache updated in place: donated) + SampleOutput ──> StepResult
+    SchedulerOutput ──> the smallest planned bucket holding it (compile/buckets)
+                    ──> backends/inputs.prepare_step, padded to that bucket ──> numpy arrays
+                    ──> the executable compiled for GraphKey(kind, batch, seq_len | num_blocks)
+                    ──> (K/V cache updated in place: donated) + logits [B, V] on device
+                    ──> the sampler graph of batch B (plain greedy or general, kernels/sampling) ──> StepResult
 
-Executables are built with `jit(...).lower(...).compile()` for exact static shapes and kept by bucket, so
-the same bucket never compiles twice; `compile/` decides which buckets exist and when they are built.
+Executables are built with `jit(...).lower(...).compile()` for exact static shapes and kept by GraphKey, so the
+same bucket never compiles twice; `warmup()` builds the planned ones (compile/warmup.build_graphs), from the
+persistent graph cache where it can, then arms the no-compile guard.
 """
 from __future__ import annotations
 
@@ -18,34 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kiln.backends import inputs as I
+from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.jax import model as M
 from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
+from kiln.compile.graph_key import GraphKey
 from kiln.compile.guard import CompileGuard
-from kiln.config import EngineConfig, xla_flags
+from kiln.compile.warmup import WarmupReport, build_graphs
+from kiln.config import EngineConfig
 from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.engine.scheduler_output import SchedulerOutput
-from kiln.kernels.sampling import SampleOutput, SamplingTensors, argmax, build_sampling_tensors, sample
+from kiln.kernels.sampling import SampleOutput, SamplingTensors, argmax, sample
 from kiln.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class StepResult:
-    tokens: list[int]                          # one per row of the SchedulerOutput (ignore rows with sample=False)
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]] | None  # per row top-N (token, logprob), when some row asked
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphKey:
-    kind: str          # prefill | decode | sample
-    batch: int
-    size: int          # prefill: seq_len bucket; decode: num_blocks bucket; sample: 0 greedy, 1 general
-
-    def __str__(self) -> str:
-        name = {"prefill": "seq_len", "decode": "blocks", "sample": "general"}[self.kind]
-        return f"{self.kind}(batch={self.batch}, {name}={self.size})"
 
 
 def _top_logprobs(logits, want_top):
@@ -88,38 +77,48 @@ def _decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens
     return k_cache, v_cache, M.lm_head(params, h[:, 0])                   # logits [B, V]
 
 
-def is_plain_greedy(row) -> bool:
-    """A row the bare-argmax sampler serves exactly."""
-    sp = row.sampling_params
-    return (sp.greedy and not sp.has_penalties and not sp.logit_bias
-            and row.output_index >= sp.min_tokens)
-
-
-class JaxRunner:
+class JaxRunner(ModelRunner):
     """Owns the weights, the paged KV cache and the compiled step executables of one device."""
 
+    name = "jax"
     compiled_kinds = ("prefill", "decode", "sample")               # the graph families warmup builds
 
-    def __init__(self, spec: ModelSpec, params, config: EngineConfig):
+    def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
+        self._setup(spec, config, M.params_from_hf(spec, tensors, jnp.dtype(config.dtype)))
+
+    def with_config(self, *, config: EngineConfig) -> JaxRunner:
+        runner = JaxRunner.__new__(JaxRunner)
+        runner._setup(self.spec, config, self.params)
+        return runner
+
+    def _setup(self, spec: ModelSpec, config: EngineConfig, params) -> None:
         self.spec, self.params, self.config = spec, params, config
         cc = config.cache
-        self.k_cache, self.v_cache = self._new_cache()
+        shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
+        self.k_cache = jnp.zeros(shape, jnp.dtype(config.dtype))   # [L, NB, KVH, bs, Dh]
+        self.v_cache = jnp.zeros(shape, jnp.dtype(config.dtype))
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
         self.graph_memory: dict[GraphKey, int] = {}                # bytes of temporaries + code per graph
         self.history_len = config.max_blocks_per_seq * cc.block_size   # token history width for penalties
         self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
-        self.cache = GraphCache(config.compile.graph_cache_dir) if config.compile.graph_cache else None
-        self.padding_tokens = 0                                    # bucket waste, for metrics
-        self.real_tokens = 0
+        self.cache = GraphCache(config.graph_cache_dir) if config.compile.graph_cache else None
+        self._stats = RunnerStats()
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
                  2 * self.k_cache.nbytes / 2**30)
 
-    def _new_cache(self):
-        cc, spec = self.config.cache, self.spec
-        shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
-        dtype = jnp.dtype(self.config.dtype)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)    # [L, NB, KVH, bs, Dh] each
+    # -- the contract -----------------------------------------------------------------------------
+    def warmup(self, *, check_only: bool = False, show_progress: bool = True) -> WarmupReport:
+        return build_graphs(self, check_only=check_only, show_progress=show_progress)
+
+    def stats(self) -> RunnerStats:
+        st = self._stats
+        return dataclasses.replace(st, padding_by_bucket=dict(st.padding_by_bucket), compiles=len(self.compile_log),
+                                   compiles_while_serving=self.guard.while_serving,
+                                   graph_cache_hits=self.cache.hits if self.cache else 0)
+
+    def close(self) -> None:
+        self.guard.close()
 
     # -- graphs -----------------------------------------------------------------------------------
     def _abstract_args(self, key: GraphKey):
@@ -130,14 +129,13 @@ class JaxRunner:
             logits = jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32)
             if not key.size:
                 return logits, flag
-            st = build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
+            st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
             return logits, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st), flag
         if key.kind == "prefill":
             T, nbt = key.size, self.config.max_blocks_per_seq
             batch = (i32(B, T), i32(B, T), i32(B, T), i32(B, nbt), i32(B), i32(B))
         else:
-            T, nbt = 1, key.size
-            batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, nbt), i32(B))
+            batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
         spec_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
         return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
 
@@ -148,7 +146,7 @@ class JaxRunner:
         return {"graph_version": GRAPH_VERSION, "key": dataclasses.asdict(key), "spec": self.spec.shape_key(),
                 "args": str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), self._abstract_args(key))),
                 "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-                "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": xla_flags()}
+                "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": self.config.env.xla_flags}
 
     def lower(self, key: GraphKey):
         if key.kind == "sample":
@@ -205,50 +203,36 @@ class JaxRunner:
         return key, self.executables[key]
 
     # -- one step ---------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        rows, bs = out.rows, self.config.cache.block_size
-        want_lp = max((r.sampling_params.logprobs or 0) + 1 for r in rows) if any(
-            r.sampling_params.logprobs is not None for r in rows) else 0
-        if out.kind == "prefill":
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        rows, bs = step.rows, self.config.cache.block_size
+        if step.kind == "prefill":
             key, exe = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
-            B, T, nbt = key.batch, key.size, self.config.max_blocks_per_seq
+            x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,
+                               table_width=self.config.max_blocks_per_seq)
+            args = (x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens)
         else:
             key, exe = self._graph_for("decode", len(rows), max(len(r.block_table) for r in rows))
-            B, T, nbt = key.batch, 1, key.size
+            x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=1, table_width=key.size)
+            args = (x.tokens, x.positions, x.slots, x.tables, x.starts)
+        self._count(str(key), step.num_tokens, x.computed_tokens)
+        self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
+        return self._sample(rows, logits, key.batch)
 
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.zeros((B, T), np.int32)
-        slots = np.zeros((B, T), np.int32)                          # padding writes land in null block 0
-        tables = np.zeros((B, nbt), np.int32)
-        starts = np.zeros(B, np.int32)
-        lens = np.zeros(B, np.int32)
-        for i, r in enumerate(rows):
-            n = len(r.token_ids)
-            pos = np.arange(r.start_pos, r.start_pos + n)
-            table = np.asarray(r.block_table, np.int32)
-            tokens[i, :n] = r.token_ids
-            positions[i, :n] = pos
-            slots[i, :n] = table[pos // bs] * bs + pos % bs
-            tables[i, :len(table)] = table
-            starts[i], lens[i] = r.start_pos, n
-        self.real_tokens += out.num_tokens
-        self.padding_tokens += B * T - out.num_tokens
-        if out.kind == "prefill":
-            batch = (tokens, positions, slots, tables, starts, lens)
-        else:
-            batch = (tokens, positions, slots, tables, starts)
-        self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *batch)
-        return self._sample(rows, logits, B, want_lp)
+    def _count(self, bucket: str, real: int, computed: int) -> None:
+        st = self._stats
+        st.steps += 1
+        st.real_tokens += real
+        st.computed_tokens += computed
+        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0) + computed - real
 
-    def _sample(self, rows, logits, B: int, want_lp: int) -> StepResult:
+    def _sample(self, rows, logits, B: int) -> StepResult:
         """Tokens for the rows from logits [B, V] by the sampler graph of batch B (plain greedy or general)."""
+        want_lp = I.logprobs_wanted(rows)
         want_top = np.bool_(want_lp > 0)
-        if all(is_plain_greedy(r) for r in rows):
+        if all(I.is_plain_greedy(r) for r in rows):
             res = self._graph_for("sample", B, 0)[1](logits, want_top)
         else:
-            st = build_sampling_tensors([r.sampling_params for r in rows], [r.history for r in rows],
-                                        [r.prompt_len for r in rows], rows[0].eos_token_ids,
-                                        [r.output_index for r in rows], [r.seed for r in rows], B, self.history_len)
+            st = I.sampling_tensors(rows, batch=B, history_len=self.history_len)
             res = self._graph_for("sample", B, 1)[1](logits, st, want_top)
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)

@@ -1,68 +1,102 @@
-"""The torch runner: the JAX runner's contract (SchedulerOutput in, StepResult out) with the model step run
-eagerly by backends/torch/model on oneDNN/ATen CPU kernels.
+"""The torch runner: SchedulerOutput in, StepResult out, the model step run eagerly by backends/torch/model
+on oneDNN/ATen CPU kernels and kiln's C++ kernels, and tokens sampled in torch (backends/torch/sampler).
 
-Only the model step differs: batches are padded to the same batch buckets (the sampler graphs, shared with
-the JAX backend and built by warmup, are compiled per batch size), but the model itself computes only the
-real rows and the real context, so there is no model graph to compile and no sequence-length padding.
+    SchedulerOutput ──> backends/inputs.prepare_step over the real rows only (prefill rows padded to the
+                        longest row of the step, decode rows one token each) ──> numpy arrays
+                    ──> TM.forward (K/V written into the cache in place) ──> logits [n, V] float32
+                    ──> plain greedy rows without logprobs: argmax; else sampler.sample ──> StepResult
+
+There is no graph to compile: `warmup()` builds (first run on the machine) or loads the C++ kernels.
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+import logging
+
 import torch
 
-from kiln.backends.jax.runner import GraphKey, JaxRunner, StepResult, is_plain_greedy
-from kiln.backends.torch import kernels
+from kiln.backends import inputs as I
+from kiln.backends.base import ModelRunner, RunnerStats, StepResult
+from kiln.backends.torch import kernels, sampler
 from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
+from kiln.compile.warmup import WarmupReport
 from kiln.config import EngineConfig
+from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class TorchRunner(JaxRunner):
-    compiled_kinds = ("sample",)
+class TorchRunner(ModelRunner):
+    """Owns the weights and the paged KV cache (K [L, NB, KVH, Dh, bs], V [L, NB, KVH, bs, Dh]) on the CPU."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, config: EngineConfig):
+    name = "torch"
+    compiled_kinds = ()                                         # nothing is compiled per shape
+
+    def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
-        super().__init__(spec, weights, config)
-
-    @staticmethod
-    def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], config: EngineConfig) -> Weights:
         dtype = DTYPES[config.dtype]
         int4 = config.model.quantization == "auto" and dtype == torch.bfloat16
-        return load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len)
+        self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len))
 
-    def _new_cache(self):
-        cc, spec = self.config.cache, self.spec
+    def with_config(self, *, config: EngineConfig) -> TorchRunner:
+        runner = TorchRunner.__new__(TorchRunner)
+        runner._setup(self.spec, config, self.params)
+        return runner
+
+    def _setup(self, spec: ModelSpec, config: EngineConfig, weights: Weights) -> None:
+        self.spec, self.params, self.config = spec, weights, config
+        cc = config.cache
         L, NB, KVH, bs, Dh = spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim
-        dtype = DTYPES[self.config.kv_dtype]
-        return (torch.zeros((L, NB, KVH, Dh, bs), dtype=dtype),      # K, transposed within a block
-                torch.zeros((L, NB, KVH, bs, Dh), dtype=dtype))      # V
+        dtype = DTYPES[config.kv_dtype]
+        self.k_cache = torch.zeros((L, NB, KVH, Dh, bs), dtype=dtype)   # K, transposed within a block
+        self.v_cache = torch.zeros((L, NB, KVH, bs, Dh), dtype=dtype)   # V
+        self._stats = RunnerStats()
+        log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", NB, bs,
+                 (self.k_cache.nbytes + self.v_cache.nbytes) / 2**30)
 
-    def is_cached(self, key: GraphKey) -> bool:
-        return key.kind != "sample" or super().is_cached(key)
+    @classmethod
+    def kv_bytes_per_block(cls, *, spec: ModelSpec, block_size: int, kv_dtype: str) -> int:
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPES[kv_dtype].itemsize
 
-    def _graph_for(self, kind: str, batch: int, size: int):
-        """Model steps: a batch bucket (for the sampler graph) and the exact size; nothing to compile."""
-        if kind == "sample":
-            return super()._graph_for(kind, batch, size)
-        plan = self.config.buckets
-        b = (plan.prefill_bucket(batch, 1) if kind == "prefill" else plan.decode_bucket(batch, 1))[0]
-        return GraphKey(kind, b, size), self._step
+    def warmup(self, *, check_only: bool = False, show_progress: bool = True) -> WarmupReport:
+        """Nothing to compile per shape; the C++ kernels are built (or loaded) here unless check_only."""
+        if not check_only:
+            kernels.load()
+        return WarmupReport(kv_bytes=self.config.memory.kv_bytes)
 
-    def _step(self, weights, k_cache, v_cache, tokens, positions, slots, tables, starts, q_lens=None):
-        """The executable's signature: (params, caches, batch...) -> (caches, logits [n, V] float32, torch)."""
-        if q_lens is None:                                          # decode: one token per row
-            q_lens = np.ones(len(tokens), np.int32)
-        logits = TM.forward(self.spec, weights, k_cache, v_cache, self.config.cache.block_size,
-                            tokens, positions, slots, tables, q_lens)
-        return k_cache, v_cache, logits
+    def stats(self) -> RunnerStats:
+        return dataclasses.replace(self._stats, padding_by_bucket=dict(self._stats.padding_by_bucket))
 
-    def _sample(self, rows, logits: torch.Tensor, B: int, want_lp: int) -> StepResult:
-        """Plain greedy rows without logprobs: the argmax, here; anything else: the JAX sampler graphs."""
-        if not want_lp and all(is_plain_greedy(r) for r in rows):
+    # -- one step ---------------------------------------------------------------------------------
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        rows = step.rows
+        T = max(len(r.token_ids) for r in rows) if step.kind == "prefill" else 1
+        x = I.prepare_step(rows, block_size=self.config.cache.block_size, batch=len(rows), seq_len=T,
+                           table_width=max(len(r.block_table) for r in rows))
+        logits = TM.forward(self.spec, self.params, self.k_cache, self.v_cache, self.config.cache.block_size,
+                            x.tokens, x.positions, x.slots, x.tables, x.lens)          # [n, V] float32
+        self._count(f"{step.kind}(batch={len(rows)}, seq_len={T})", step.num_tokens, x.computed_tokens)
+        return self._sample(rows, logits)
+
+    def _count(self, bucket: str, real: int, computed: int) -> None:
+        st = self._stats
+        st.steps += 1
+        st.real_tokens += real
+        st.computed_tokens += computed
+        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0) + computed - real
+
+    def _sample(self, rows, logits: torch.Tensor) -> StepResult:
+        want_lp = I.logprobs_wanted(rows)
+        if not want_lp and all(I.is_plain_greedy(r) for r in rows):
             return StepResult(logits.argmax(-1).tolist(), [0.0] * len(rows), None)
-        out = np.zeros((B, logits.shape[1]), np.float32)                         # [B, V] padded
-        out[:len(logits)] = logits.numpy()
-        return super()._sample(rows, out, B, want_lp)
+        history = max((len(r.history) for r in rows), default=0)
+        st = I.sampling_tensors(rows, batch=len(rows), history_len=max(history, 1))
+        out = sampler.sample(logits, st, num_logprobs=want_lp)
+        top = None
+        if want_lp:
+            top = [list(zip(i, v)) for i, v in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
+        return StepResult(out.tokens.tolist(), out.logprobs.tolist(), top)

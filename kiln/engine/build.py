@@ -1,0 +1,134 @@
+"""Building an engine: derive the configuration (with I/O), then construct the runner and the engine.
+
+    build_engine(model, **options)
+      ├─ Env.read()                          the environment, once (config.Env)
+      ├─ models/loader.load_model            spec, host tensors, tokenizer
+      ├─ build_config(spec, **options)       backend (backends/platform), dtype, max_model_len, KV bytes per
+      │                                      block (from the runner class), free memory -> memory plan
+      │                                      (compile/planner), bucket ranges (flags > env > defaults)
+      ├─ backends/registry.create_runner     weights and KV cache on the device
+      ├─ runner.warmup()                     unless warmup=False: nothing compiles while serving
+      └─ LLMEngine(config, spec, runner, tokenizer)
+
+Options are the `LLM(...)` keyword arguments and CLI flags; unknown ones raise TypeError (from CompileConfig).
+"""
+from __future__ import annotations
+
+import logging
+
+from kiln.backends.platform import resolve_backend
+from kiln.backends.registry import create_runner, runner_class
+from kiln.compile.buckets import make_buckets
+from kiln.compile.planner import host_free_bytes, plan_memory
+from kiln.config import (DTYPES, BucketPlan, CacheConfig, CompileConfig, EngineConfig, Env, ModelConfig,
+                         SchedulerConfig, resolve_dtype)
+from kiln.engine.llm_engine import LLMEngine
+from kiln.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def bucket_range(given: tuple[int | None, ...] | None, env: tuple[int | None, ...] | None,
+                 default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(min, step, max) of one bucket dimension, part by part: a flag value wins, then the environment
+    (KILN_<DIM>_BUCKET_* or VLLM_<DIM>_BUCKET_*), then the default derived from the engine limits."""
+    return tuple(int(next(v for v in ((given or (None,) * 3)[i], (env or (None,) * 3)[i], default[i])
+                          if v is not None)) for i in range(3))
+
+
+def make_plan(*, buckets: dict, env: Env, block_size: int, max_num_seqs: int, max_model_len: int,
+              max_num_batched_tokens: int) -> BucketPlan:
+    """The bucket plan of these limits, checked to hold every admissible step."""
+    blocks = -(-max_model_len // block_size)
+    max_prompt = min(max_num_batched_tokens, max_model_len)
+    dims = {"prompt_bs": ("PROMPT_BS", (1, 32, min(max_num_seqs, 64))),
+            "prompt_seq": ("PROMPT_SEQ", (block_size, max(block_size, 256), max_prompt)),
+            "decode_bs": ("DECODE_BS", (1, 32, max_num_seqs)),
+            "decode_blocks": ("DECODE_BLOCK", (min(4, blocks), 32, blocks))}
+    plan = BucketPlan(**{k: make_buckets(*bucket_range(buckets.get(k), env.buckets.get(name), default))
+                         for k, (name, default) in dims.items()}, max_prompt_tokens=max_num_batched_tokens)
+    if plan.decode_blocks[-1] < blocks:
+        raise ValueError(f"the largest decode block bucket ({plan.decode_blocks[-1]}) must cover max_model_len="
+                         f"{max_model_len} ({blocks} blocks of {block_size})")
+    if plan.prompt_seq[-1] > max_prompt or not plan.required_buckets()[0]:
+        raise ValueError(f"prompt seq_len buckets (max {plan.prompt_seq[-1]}) must fit max_num_batched_tokens="
+                         f"{max_num_batched_tokens} and max_model_len={max_model_len}")
+    return plan
+
+
+def resolve_max_len(spec: ModelSpec, max_model_len: int | None) -> int:
+    """max_model_len, or the model's limit capped at 2048; kiln attends over the whole context, so a
+    sliding-window model is exact only within its window."""
+    window = spec.sliding_window or spec.max_position_embeddings
+    max_len = max_model_len or min(spec.max_position_embeddings, 2048, window)
+    if max_len > window:
+        raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}; kiln does not "
+                         f"implement sliding-window attention, so set --max-model-len {window} or less")
+    if max_len > spec.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                         f"{spec.max_position_embeddings}")
+    return max_len
+
+
+def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str = "auto", backend: str | None = None,
+                 quantization: str = "auto", kv_cache_dtype: str = "auto", block_size: int = 16,
+                 num_blocks: int = 0, kv_cache_gib: float | None = None, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 max_model_len: int | None = None, seed: int = 0, platform: str | None = None,
+                 free_bytes: int | None = None, buckets: dict[str, tuple[int, int, int]] | None = None,
+                 env: Env | None = None, **compile_kwargs) -> EngineConfig:
+    """The EngineConfig of these options for a model of `spec`. platform None: JAX's default device;
+    free_bytes None: the host's available memory; env None: Env.read(). `buckets` maps prompt_bs,
+    prompt_seq, decode_bs, decode_blocks to (min, step, max), any part None; compile_kwargs are
+    CompileConfig's (warmup None: not KILN_SKIP_WARMUP)."""
+    env = env or Env.read()
+    if platform is None:
+        from kiln.backends.platform import jax_platform
+        platform = jax_platform()
+    backend = backend or env.backend or "auto"
+    mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
+    backend = resolve_backend(backend, platform)
+    resolved = resolve_dtype(dtype, platform, backend)
+    max_len = resolve_max_len(spec, max_model_len)
+    sc = SchedulerConfig(max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens or max(2048, min(max_len, 8192)),
+                         max_model_len=max_len)
+    if compile_kwargs.get("warmup") is None:
+        compile_kwargs["warmup"] = not env.skip_warmup
+    comp = CompileConfig(**compile_kwargs)
+    if kv_cache_gib is None:   # CPU: a fixed KV budget, as vLLM CPU's VLLM_CPU_KVCACHE_SPACE; else split free memory
+        kv_cache_gib = env.kv_cache_gib if env.kv_cache_gib is not None else (1.0 if platform == "cpu" else None)
+    if kv_cache_dtype not in DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype != "auto" and backend == "jax" and kv_cache_dtype != resolved:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype} needs backend torch; jax keeps the cache in dtype "
+                         f"{resolved}")
+    kv_dtype = resolved if kv_cache_dtype == "auto" else kv_cache_dtype
+    per_block = runner_class(backend).kv_bytes_per_block(spec=spec, block_size=block_size, kv_dtype=kv_dtype)
+    kv_bytes = num_blocks * per_block if num_blocks else None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
+    memory = plan_memory(free_bytes=host_free_bytes() if free_bytes is None else free_bytes,
+                         memory_utilization=comp.memory_utilization,
+                         graph_reserved_fraction=comp.graph_reserved_fraction,
+                         graph_prompt_ratio=comp.graph_prompt_ratio, bytes_per_block=per_block,
+                         block_size=block_size, max_model_len=max_len, kv_bytes=kv_bytes)
+    cc = CacheConfig(block_size=block_size, num_blocks=num_blocks or memory.num_blocks,
+                     kv_cache_gib=memory.kv_bytes / 2**30, enable_prefix_caching=enable_prefix_caching)
+    plan = make_plan(buckets=buckets or {}, env=env, block_size=block_size, max_num_seqs=max_num_seqs,
+                     max_model_len=max_len, max_num_batched_tokens=sc.max_num_batched_tokens)
+    return EngineConfig(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory,
+                        dtype=resolved, backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed, env=env)
+
+
+def build_engine(model: str = ModelConfig.model, **kwargs) -> LLMEngine:
+    """Load weights and tokenizer, derive the config, build the runner, warm it up, build the engine.
+    Keyword arguments are build_config's."""
+    from kiln.models.loader import load_model
+    env = kwargs.pop("env", None) or Env.read()
+    loaded = load_model(model, env.models)
+    config = build_config(loaded.spec, model=model, env=env, **kwargs)
+    log.info("backend %s, %s", config.backend, config.dtype)
+    runner = create_runner(config.backend, spec=loaded.spec, config=config, tensors=loaded.tensors)
+    del loaded.tensors
+    if config.compile.warmup:
+        runner.warmup()
+    return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)
