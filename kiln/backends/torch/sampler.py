@@ -5,8 +5,8 @@ framework. Semantics are those of the reference, kiln/kernels/sampling.py (vLLM 
         ├─ logit bias, min_tokens (the row's own eos + stop ids -> -inf while active)      process()
         ├─ penalties: repetition (prompt + output), frequency and presence (output)        [rows that have them]
         ├─ greedy rows: argmax (first index of the maximum)
-        └─ other rows: / temperature, min_p, then top-k / top-p decided from a partial topk of TOP_CANDIDATES
-           (a full sort only for rows whose kept set is not among them), then an inverse-CDF draw over the
+        └─ other rows: / temperature, min_p, then top-k / top-p decided from a partial topk (CANDIDATE_WIDTHS;
+           a full sort only for rows whose kept set is not among them), then an inverse-CDF draw over the
            kept tokens with one uniform per row, u = splitmix64(seed, output_index): a row's token depends
            only on its logits, its seed and its step, never on the rest of the batch.
 
@@ -22,8 +22,9 @@ import torch
 from kiln.backends.inputs import SamplingTensors
 from kiln.engine.sampling_params import GREEDY_TEMPERATURE_EPS
 
-TOP_CANDIDATES = 256
-"""Top-k / top-p look at this many most likely tokens of a row (as the reference's truncate_top_k_top_p)."""
+CANDIDATE_WIDTHS = (64, 512)
+"""Top-k / top-p look at this many most likely tokens of a row, then this many, before sorting the whole row
+(as the reference's truncate_top_k_top_p; the kept set is the same, only the cost differs)."""
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -95,15 +96,15 @@ def temper(x: torch.Tensor, temperature: np.ndarray, min_p: np.ndarray) -> torch
     return scaled
 
 
-def _nucleus(vals: torch.Tensor, lse: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, vocab: int):
-    """Over each row's K most likely logits vals [m, K] (descending; lse [m, 1] of the whole row): how many the
-    top-k then top-p rule keeps [m], and whether that is decided within the K (closed [m])."""
-    K = vals.shape[1]
+def _nucleus(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, vocab: int):
+    """Over each row's K most likely tokens, probs [m, K] (descending, under the row's full softmax): how many
+    the top-k then top-p rule keeps [m], and whether that is decided within the K (closed [m])."""
+    K = probs.shape[1]
     k = torch.from_numpy(np.where(top_k > 0, top_k, vocab)).long()[:, None]       # [m, 1]
     p = torch.from_numpy(top_p).float()[:, None]                                   # [m, 1]
     in_k = torch.arange(K)[None] < k                                               # [m, K]
     k_within = k <= K                                                              # [m, 1] top-k set among the K
-    probs = torch.exp(vals - lse).masked_fill(~in_k, 0.0)                          # [m, K] full-softmax mass
+    probs = probs.masked_fill(~in_k, 0.0)
     mass = probs.sum(-1, keepdim=True)
     probs = torch.where(k_within, probs / mass, probs)                             # renormalised over top-k
     before = probs.cumsum(-1) - probs                                              # [m, K] exclusive cumulative
@@ -119,34 +120,44 @@ class Candidates(NamedTuple):
     keep: torch.Tensor   # [g, K] bool, the kept tokens
 
 
+def _rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """x[rows] without a copy when rows are all of x's rows in order."""
+    return x if len(rows) == len(x) and (rows == np.arange(len(x))).all() else x[torch.from_numpy(rows)]
+
+
 def truncate(scaled: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray) -> list[Candidates]:
-    """Each row's kept tokens after top-k / top-p, as groups of rows: decided from the TOP_CANDIDATES most
-    likely tokens, from a full sort where that does not close, or the whole row where neither is on.
+    """Each row's kept tokens after top-k / top-p, as groups of rows: decided from the CANDIDATE_WIDTHS most
+    likely tokens where the rule closes among them, else from a full sort; the whole row where neither is on.
     Ties with the last kept logit are kept (as the reference's threshold)."""
     m, V = scaled.shape
     needs = (top_k > 0) | (top_p < 1.0)                                            # [m]
     groups = []
     if (~needs).any():
-        rows = torch.from_numpy(np.nonzero(~needs)[0])
-        whole = scaled[rows]
-        groups.append(Candidates(rows, whole, None, whole > float("-inf")))
-    if not needs.any():
+        rows = np.nonzero(~needs)[0]
+        whole = _rows(scaled, rows)
+        groups.append(Candidates(torch.from_numpy(rows), whole, None, whole > float("-inf")))
+    left = np.nonzero(needs)[0]                                                    # rows not decided yet
+    if not left.size:
         return groups
-    nr = np.nonzero(needs)[0]
-    x = scaled[torch.from_numpy(nr)]                                               # [g, V]
-    lse = torch.logsumexp(x, -1, keepdim=True)                                     # [g, 1]
-    vals, ids = x.topk(min(TOP_CANDIDATES, V), -1)                                 # [g, KC] descending
-    count, closed = _nucleus(vals, lse, top_k[nr], top_p[nr], V)
-    for part, full in ((closed, False), (~closed, True)):
-        if not part.any():
-            continue
-        sel = torch.nonzero(part)[:, 0]
-        v, i, c = vals[sel], ids[sel], count[sel]
-        if full:                                                                   # the nucleus is wider
-            v, i = x[sel].sort(-1, descending=True)
-            c, _ = _nucleus(v, lse[sel], top_k[nr][sel.numpy()], top_p[nr][sel.numpy()], V)
-        thr = v.gather(1, (c - 1)[:, None])                                        # [g, 1] last kept logit
-        groups.append(Candidates(torch.from_numpy(nr)[sel], v, i, v >= thr))
+    x = _rows(scaled, left)                                                        # [g, V]
+    probs = torch.softmax(x, -1)                                                   # [g, V] one fused pass
+    at = np.arange(len(left))                                                      # rows of x still open
+    for width in (*CANDIDATE_WIDTHS, V):
+        if not at.size:
+            break
+        xs, ps = _rows(x, at), _rows(probs, at)
+        if width < V:
+            vals, ids = xs.topk(width, -1)                                         # [a, K] descending
+        else:                                                                      # the nucleus is wider
+            vals, ids = xs.sort(-1, descending=True)
+        count, closed = _nucleus(ps.gather(1, ids), top_k[left[at]], top_p[left[at]], V)
+        done = closed.numpy()
+        if done.any():
+            sel = torch.from_numpy(np.nonzero(done)[0])
+            v, i = vals[sel], ids[sel]
+            thr = v.gather(1, (count[sel] - 1)[:, None])                           # [g, 1] last kept logit
+            groups.append(Candidates(torch.from_numpy(left[at[done]]), v, i, v >= thr))
+        at = at[~done]
     return groups
 
 
@@ -170,7 +181,7 @@ def filtered_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     n, V = x.shape
     rows = np.nonzero(st.temperature[:n] >= GREEDY_TEMPERATURE_EPS)[0]
     if rows.size:
-        scaled = temper(x[torch.from_numpy(rows)], st.temperature[rows], st.min_p[rows])
+        scaled = temper(_rows(x, rows), st.temperature[rows], st.min_p[rows])
         out = torch.full_like(scaled, float("-inf"))
         for g in truncate(scaled, st.top_k[rows], st.top_p[rows]):
             kept = g.vals.masked_fill(~g.keep, float("-inf"))
@@ -193,17 +204,19 @@ def sample(logits: torch.Tensor, st: SamplingTensors, *, num_logprobs: int = 0) 
                     or (st.presence_penalty[:n] != 0.0).any())
     raw = logits
     x = process(logits.clone() if modifies and num_logprobs else logits, st) if modifies else logits
-    tokens = x.argmax(-1)                                                          # [n] greedy rows' tokens
+    tokens = torch.zeros(n, dtype=torch.long)
+    greedy = np.nonzero(temperature < GREEDY_TEMPERATURE_EPS)[0]
+    if greedy.size:
+        tokens[torch.from_numpy(greedy)] = _rows(x, greedy).argmax(-1)            # first index of the maximum
     rows = np.nonzero(temperature >= GREEDY_TEMPERATURE_EPS)[0]
     if rows.size:
-        sel = torch.from_numpy(rows)
-        scaled = temper(x[sel], temperature[rows], st.min_p[rows])                 # [m, V]
+        scaled = temper(_rows(x, rows), temperature[rows], st.min_p[rows])         # [m, V]
         u = torch.from_numpy(uniforms(st.seeds[:n][rows], st.steps[:n][rows]))    # [m]
         drawn = torch.empty(rows.size, dtype=torch.long)
         for g in truncate(scaled, st.top_k[rows], st.top_p[rows]):
             idx = _inverse_cdf(g.vals, g.keep, u[g.rows])
             drawn[g.rows] = idx if g.ids is None else g.ids.gather(1, idx[:, None])[:, 0]
-        tokens[sel] = drawn
+        tokens[torch.from_numpy(rows)] = drawn
     if not num_logprobs:
         empty = torch.zeros(n, 0)
         return Sampled(tokens, torch.zeros(n), empty.long(), empty)
