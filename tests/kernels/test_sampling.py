@@ -41,7 +41,7 @@ def tensors(
         params,
         histories or [[]] * n,
         prompt_lens or [0] * n,
-        eos_ids=[EOS],
+        eos_ids=[(EOS,)] * n,
         steps=steps or [0] * n,
         seeds=seeds or list(range(n)),
         batch_size=batch_size,
@@ -242,7 +242,7 @@ def test_build_sampling_tensors_padding_and_history() -> None:
     plain = SamplingParams(temperature=0.9, top_k=-1)
     penal = SamplingParams(frequency_penalty=1.0, logit_bias={3: 1.0, 5: -2.0})
     t = build_sampling_tensors(
-        [plain, penal], [[1, 2, 3], list(range(10))], [2, 6], eos_ids=[EOS], steps=[1, 4], seeds=[2**32 + 5, -1],
+        [plain, penal], [[1, 2, 3], list(range(10))], [2, 6], eos_ids=[(EOS,), (EOS,)], steps=[1, 4], seeds=[2**32 + 5, -1],
         batch_size=4, history_len=C,
     )
     assert t.temperature.tolist() == pytest.approx([0.9, 1.0, 0.0, 0.0])  # padding rows are greedy
@@ -254,6 +254,20 @@ def test_build_sampling_tensors_padding_and_history() -> None:
     assert t.bias_ids[1, :3].tolist() == [3, 5, -1] and t.bias_values[1, :2].tolist() == [1.0, -2.0]
     assert t.bias_ids.shape == (4, MAX_LOGIT_BIAS)
     assert not t.min_tokens_active.any()
+
+
+def test_min_tokens_suppresses_each_rows_own_eos() -> None:
+    """Row 0 ignores EOS, row 1 has its own eos ids {3, 4}, row 2 the model's EOS: each row's set, no other."""
+    p = SamplingParams(temperature=0.0, min_tokens=2)
+    t = build_sampling_tensors([SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True), p, p],
+                               [[]] * 3, [0] * 3, eos_ids=[(EOS,), (3, 4), (EOS,)], steps=[0] * 3, seeds=[0] * 3,
+                               batch_size=B, history_len=C)
+    assert t.stop_ids[0].tolist() == [-1] * 16 and t.stop_ids[1, :3].tolist() == [3, 4, -1]
+    assert t.stop_ids[2, :2].tolist() == [EOS, -1]
+    logits = np.zeros((B, V), np.float32)
+    logits[:, [3, EOS]] = 5.0                          # the eos candidates are the most likely tokens
+    out = sample_jit(jnp.asarray(logits), t, num_logprobs=0)
+    assert np.asarray(out.tokens)[:3].tolist() == [3, EOS, 3]
 
 
 def test_build_rejects_too_many_bias_entries() -> None:
