@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 
 import kiln
-from kiln import config as C
-from kiln.backends.jax.runner import GraphKey, is_plain_greedy
+from kiln.backends.inputs import is_plain_greedy
 from kiln.backends.platform import jax_platform
+from kiln.compile.graph_key import GraphKey
+from kiln.engine.build import build_config
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 
@@ -57,12 +58,11 @@ def _variant(base, **kwargs):
     Decode steps always pad to 16 rows (one decode batch bucket), so the changing batch sizes of a
     preempting run do not each need a graph: decode is cheap to pad, prefill is not."""
     e = base.engine
-    config = C.EngineConfig.create(e.spec, model=e.config.model.model, platform=jax_platform(), dtype="float32",
-                                   backend=e.config.backend,
-                                   max_model_len=MAX_LEN, max_num_seqs=16, buckets={"decode_bs": (16, 16, 16)},
-                                   **NO_WARMUP, **kwargs)
+    config = build_config(e.spec, model=e.config.model.model, platform=jax_platform(), dtype="float32",
+                          backend=e.config.backend, max_model_len=MAX_LEN, max_num_seqs=16,
+                          buckets={"decode_bs": (16, 16, 16)}, **NO_WARMUP, **kwargs)
     llm = kiln.LLM.__new__(kiln.LLM)
-    llm.engine = LLMEngine(config, e.spec, type(e.runner)(e.spec, e.runner.params, config), e.tokenizer)
+    llm.engine = LLMEngine(config, e.spec, e.runner.with_config(config=config), e.tokenizer)
     llm.tokenizer = e.tokenizer
     return _record(llm)
 
@@ -334,6 +334,13 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
     # every step any test of this module ran was recorded since each engine was built
     for v in (llm, chunked_llm, tiny_kv_llm):
         cfg, runner = v.engine.config, v.engine.runner
+        st = runner.stats()
+        assert st.real_tokens > 0 and st.padding_tokens >= 0 and st.steps == len(v.history)
+        assert st.real_tokens == sum(o.num_tokens for o in v.history)
+        if runner.name == "torch":                      # eager model and sampler: nothing compiled, no padding rows
+            assert st.compiles == 0
+            assert st.computed_tokens == sum(len(o.rows) * max(len(r.token_ids) for r in o.rows) for o in v.history)
+            continue
         keys = [k for k, _ in runner.compile_log]
         assert len(keys) == len(set(keys)), "a bucket compiled twice"
         assert set(keys) == {k for k in runner.executables if k.kind in runner.compiled_kinds}
@@ -342,19 +349,16 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         for k in keys:
             assert (k.batch, k.size) in {"prefill": prefill_ok, "decode": decode_ok, "sample": samplers}[k.kind], k
         used = set().union(*(_keys_for(cfg, o, runner.compiled_kinds) for o in v.history))
-        if "decode" in runner.compiled_kinds:
-            assert set(keys) == used                    # one compile per distinct bucket used, nothing else
-        else:                                           # torch: greedy steps without logprobs use no graph
-            assert set(keys) <= used
-        assert runner.real_tokens > 0 and runner.padding_tokens >= 0
+        assert set(keys) == used                        # one compile per distinct bucket used, nothing else
+        assert st.compiles == len(keys)
 
 
 def test_same_workload_again_compiles_nothing(chunked_llm, prompts):
     runner = chunked_llm.engine.runner
-    n = len(runner.compile_log)
+    n = runner.stats().compiles
     _fresh(chunked_llm)
     chunked_llm.generate(prompts, GREEDY)
-    assert len(runner.compile_log) == n
+    assert runner.stats().compiles == n
     _assert_clean(chunked_llm)
 
 

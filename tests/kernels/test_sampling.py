@@ -242,7 +242,8 @@ def test_build_sampling_tensors_padding_and_history() -> None:
     plain = SamplingParams(temperature=0.9, top_k=-1)
     penal = SamplingParams(frequency_penalty=1.0, logit_bias={3: 1.0, 5: -2.0})
     t = build_sampling_tensors(
-        [plain, penal], [[1, 2, 3], list(range(10))], [2, 6], eos_ids=[(EOS,), (EOS,)], steps=[1, 4], seeds=[2**32 + 5, -1],
+        [plain, penal], [[1, 2, 3], list(range(10))], [2, 6], eos_ids=[(EOS,), (EOS,)], steps=[1, 4],
+        seeds=[2**32 + 5, -1],
         batch_size=4, history_len=C,
     )
     assert t.temperature.tolist() == pytest.approx([0.9, 1.0, 0.0, 0.0])  # padding rows are greedy
