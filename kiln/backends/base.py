@@ -7,7 +7,9 @@
 
 Every backend (jax, torch, mock) implements this interface and nothing else is asked of it; the engine, the
 scheduler and the servers import this module, never a concrete backend (backends/registry.py builds one by
-name). No backend subclasses another. Methods take keyword arguments only, except `execute`'s one step.
+name). No backend subclasses another, and backends/jax and backends/torch never import each other: what they
+share is host-side (backends/inputs.py: the padded step arrays and the sampling parameters of a batch).
+Methods take keyword arguments only, except `execute`'s one step.
 """
 from __future__ import annotations
 
@@ -37,11 +39,12 @@ class RunnerStats:
     """Counters of one runner since it was built; what `/metrics` and `LLMEngine.stats()` report."""
     steps: int = 0                     # execute() calls
     real_tokens: int = 0               # tokens of the scheduled rows (what the scheduler asked for)
-    computed_tokens: int = 0           # token positions the model step really computed, padding included
+    computed_tokens: int = 0           # token positions the model step really computed, padding included:
+                                       # jax the bucket's B x T, torch its rows x their padded length, mock real
     compiles: int = 0                  # graphs compiled by this runner (0 for an eager backend)
     compiles_while_serving: int = 0    # ... after warmup (should stay 0)
     graph_cache_hits: int = 0          # graphs loaded from the persistent graph cache
-    padding_by_bucket: dict[str, int] = dataclasses.field(default_factory=dict)  # bucket -> padded positions
+    padding_by_bucket: dict[str, int] = dataclasses.field(default_factory=dict)  # step shape -> padded positions
 
     @property
     def padding_tokens(self) -> int:
