@@ -36,8 +36,8 @@ def mock_async_engine(on_death=None, **kwargs) -> AsyncEngine:
     return AsyncEngine(mock_llm_engine(**kwargs), on_death=on_death)
 
 
-def kill_engine(engine: AsyncEngine) -> None:
+def kill_engine(engine: AsyncEngine | LLMEngine) -> None:
     """Make the next step raise EngineKilled: the engine thread stops and calls on_death."""
     def fault(step):
         raise EngineKilled("injected: the device is gone")
-    engine.engine.runner.fault = fault
+    (engine.engine if isinstance(engine, AsyncEngine) else engine).runner.fault = fault
