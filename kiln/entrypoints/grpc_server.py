@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 
 import grpc
@@ -25,8 +24,6 @@ from kiln.serving import errors as E
 from kiln.serving.core import ServingCore
 from kiln.serving.health import State
 from kiln.serving.options import ServeOptions
-
-log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name   # kiln.v1.Inference
 
@@ -58,9 +55,8 @@ class InferenceServicer:
         finally:
             self.core.count(method, status.name)
 
-    async def _run(self, request, context, on_output):
+    async def _run(self, request, context, params, on_output):
         """Submit a GenerateRequest and await `on_output(out)` for each cumulative output; returns the last."""
-        params = G.sampling_params_from_proto(request.sampling_params)
         req = self.core.submit([G.prompt_from_proto(request)], params, request.request_id or None)
         last = None
         async with contextlib.aclosing(req.outputs()) as stream, asyncio.timeout(context.time_remaining()):
@@ -70,20 +66,21 @@ class InferenceServicer:
 
     async def Generate(self, request, context):
         async def run(engine):
-            deltas = G.Deltas(G.sampling_params_from_proto(request.sampling_params))
+            params = G.sampling_params_from_proto(request.sampling_params)
+            deltas = G.Deltas(params)
 
             async def send(out):
                 for m in deltas(out):
                     await context.write(m)
-            await self._run(request, context, send)
+            await self._run(request, context, params, send)
         await self._call("Generate", request, context, run)
 
     async def GenerateUnary(self, request, context):
         async def run(engine):
             async def keep(out):
                 pass
-            last = await self._run(request, context, keep)
-            return G.reply_pb(last, G.sampling_params_from_proto(request.sampling_params))
+            params = G.sampling_params_from_proto(request.sampling_params)
+            return G.reply_pb(await self._run(request, context, params, keep), params)
         return await self._call("GenerateUnary", request, context, run)
 
     async def Tokenize(self, request, context):
