@@ -72,6 +72,8 @@ class Request:
             raise Internal(str(e), self.request_id) from None
         except ValueError as e:      # rejected by the engine thread after the checks of submit()
             raise invalid(e, self.chat) from None
+        except Exception as e:       # the engine failed this request only (e.g. a step's fault); it goes on
+            raise Internal(f"the engine failed this request: {type(e).__name__}: {e}", self.request_id) from None
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as steps produce them; ends when every prompt has finished."""
