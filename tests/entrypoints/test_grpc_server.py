@@ -269,6 +269,33 @@ def test_admission_burst_counts_n_fan_out():
         ae.shutdown()
 
 
+def test_one_admission_for_both_transports():
+    """gRPC and HTTP share the core: slots taken over gRPC leave none for HTTP (429), and the reverse."""
+    import openai
+    gate = threading.Event()
+    ae = mock_async_engine(max_num_seqs=2, num_blocks=256)
+    s = Servers(ae, http=True, max_queued=1)
+    ae.engine.runner.fault = lambda step: gate.wait(60)
+    try:
+        with KilnClient(s.target) as c:
+            held = c.stub.GenerateUnary.future(pb.GenerateRequest(
+                text="hold", sampling_params=pb.SamplingParams(n=3, max_tokens=2)), timeout=60)
+            deadline = time.monotonic() + 10
+            while s.core.admission.used < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s.core.admission.used == 3
+            http = openai.OpenAI(base_url=f"{s.base}/v1", api_key="x", max_retries=0, timeout=30)
+            with pytest.raises(openai.RateLimitError):
+                http.completions.create(prompt="hi", model="mock", max_tokens=2)
+            gate.set()
+            assert len(held.result(30).completions) == 3
+            assert http.completions.create(prompt="hi", max_tokens=2, model="mock").usage.completion_tokens == 2
+    finally:
+        gate.set()
+        s.close()
+        ae.shutdown()
+
+
 def test_api_key(engine):
     s = Servers(engine, api_key="s3cret")
     try:

@@ -4,6 +4,8 @@ exit status of `kiln serve`, for a supervisor to restart it); the transports do 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,3 +127,48 @@ def test_transports_do_not_import_each_other(module, forbidden):
             f"sys.exit(f'imported {{bad}}' if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_kiln_serve_command_exits_one_when_the_engine_dies(monkeypatch):
+    """`kiln serve` itself (cli.main, signal handlers and all, on the main thread): once the engine dies, the
+    command returns 1 (its exit status) instead of serving a dead engine forever."""
+    import threading
+
+    import kiln.engine.llm
+    from kiln.entrypoints.cli import main
+
+    def fault(step):
+        if any(not r.request_id.startswith("warmup") for r in step.rows):
+            raise EngineKilledHere("injected")
+    engine = mock_llm_engine()
+    engine.runner.fault = fault
+    monkeypatch.setattr(kiln.engine.llm, "build_engine", lambda **kw: engine)
+    port = free_port()
+    errors = []
+
+    def poke():
+        try:
+            def ready():
+                with KilnClient(f"127.0.0.1:{port}") as c:
+                    try:
+                        c.generate_unary("hi", max_tokens=3, timeout=5)
+                    except grpc.RpcError as e:
+                        return e.code() in (grpc.StatusCode.INTERNAL,)
+            wait_for(ready)
+        except BaseException as e:   # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+    t = threading.Thread(target=poke, daemon=True)
+    t.start()
+    # Bounded: should the command keep serving the dead engine, SIGTERM ends it after 60s (with 0: a failure).
+    watchdog = threading.Timer(60, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    watchdog.start()
+    try:
+        assert main(["--log-level", "WARNING", "serve", "--port", str(port), "--model", "mock"]) == 1
+    finally:
+        watchdog.cancel()
+    t.join(30)
+    assert not errors
+
+
+class EngineKilledHere(BaseException):
+    pass

@@ -133,3 +133,37 @@ def test_a_request_through_the_core():
         finally:
             engine.shutdown()
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_engine_errors_on_a_stream_become_kiln_errors():
+    """What the engine raises on a request's stream: ValueError -> InvalidRequest naming the field, an engine that
+    stopped or any other failure -> Internal carrying the request id; the slots are released either way."""
+    from kiln.engine.async_engine import EngineDeadError
+
+    class Failing:
+        def __init__(self, inner, error):
+            self.inner, self.error_to_raise = inner, error
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        async def generate(self, ids, params, request_id=None):
+            raise self.error_to_raise
+            yield
+
+    async def main():
+        real = mock_async_engine()
+        try:
+            for error, kind, needle in [(ValueError("max_tokens must be at least 1"), E.InvalidRequest, "max_tokens"),
+                                        (EngineDeadError("engine stopped: boom"), E.Internal, "request r"),
+                                        (RuntimeError("step failed"), E.Internal, "RuntimeError: step failed")]:
+                core = ServingCore()
+                core.attach(Failing(real, error))
+                core.start_serving()
+                with pytest.raises(kind) as e:
+                    await core.submit(["hi"], SamplingParams(), request_id="r").finals()
+                assert needle in e.value.message
+                assert core.admission.used == 0 and len(core.inflight) == 0
+        finally:
+            real.shutdown()
+    asyncio.run(asyncio.wait_for(main(), 60))
