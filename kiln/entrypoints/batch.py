@@ -2,9 +2,10 @@
 
     input (file or stdin) ── read in chunks ──> line -> BatchRequest | LineError (batch_format)
         LineError ─────────────────────────────────────────────────┐
-        BatchRequest ── at most --max-in-flight at once ──> AsyncEngine.generate (continuous batching)
+        BatchRequest ── at most --max-in-flight at once ──> ServingCore.submit (validation: InvalidRequest
+                        is the line's 400 record) ──> the engine (continuous batching)
                                                       finished ──> record ──> append to <out>.partial
-    all lines answered ──> fsync ──> rename <out>.partial -> <out>
+    all lines answered ──> fsync ──> rename <out>.partial -> <out>      (the files: batch_files.py)
 
 Files. Results go to `<out>.partial` (same folder) as each request finishes, one `os.write` per record, and
 are fsync'ed about once a second; the finished file is renamed to `<out>` only when every input line has its
