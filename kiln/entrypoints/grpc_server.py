@@ -59,10 +59,13 @@ class InferenceServicer:
         """Submit a GenerateRequest and await `on_output(out)` for each cumulative output; returns the last."""
         req = self.core.submit([G.prompt_from_proto(request)], params, request.request_id or None)
         last = None
-        async with contextlib.aclosing(req.outputs()) as stream, asyncio.timeout(context.time_remaining()):
-            async for _, last in stream:
-                await on_output(last)
-        return last
+        try:
+            async with contextlib.aclosing(req.outputs()) as stream, asyncio.timeout(context.time_remaining()):
+                async for _, last in stream:
+                    await on_output(last)
+            return last
+        finally:
+            req.close()          # idempotent; frees the slots even if the stream never started
 
     async def Generate(self, request, context):
         async def run(engine):
