@@ -65,16 +65,25 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field and the limit for input the engine cannot serve."""
+        """Raise ValueError naming the field and the limit for input the engine cannot serve.
+
+        `params` is verified again (a field may have been set after it was built). A `max_tokens` beyond the
+        context is not an error: the request finishes with `length` when the context is full (SamplingParams).
+        """
         max_len = self.config.scheduler.max_model_len
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.verify()
         if not prompt_token_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
         if len(prompt_token_ids) >= max_len:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len is {max_len} and at "
                              f"least one token must be left to generate")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.spec.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids holds {bad[0]}, outside the vocabulary [0, {self.spec.vocab_size})")
+            shown = bad[0] if not isinstance(bad[0], int) or abs(bad[0]) < 2**64 else "a huge integer"
+            raise ValueError(f"prompt_token_ids holds {shown!s}, outside the vocabulary [0, {self.spec.vocab_size})")
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
 
