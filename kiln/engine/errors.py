@@ -12,7 +12,7 @@ client's mistake; a transport may catch `EngineError` to answer both as an inter
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -21,23 +21,23 @@ class EngineError(RuntimeError):
 
 
 class StepError(EngineError):
-    """The engine failed the requests `request_ids` (parent request ids, as given to add_request).
+    """The engine failed the requests in `causes` (parent request id -> the exception behind its failure).
 
-    `cause` is the exception behind it. When `LLMEngine.step()` raises it, `outputs` holds the RequestOutputs
-    the same step produced for the other requests, so nothing they gained is lost.
+    When `LLMEngine.step()` raises it, `outputs` holds the RequestOutputs the same step produced for the other
+    requests, so nothing they gained is lost.
     """
 
-    def __init__(self, request_ids: Iterable[str], cause: BaseException | None = None,
-                 outputs: Sequence[Any] = ()):
-        self.request_ids: tuple[str, ...] = tuple(request_ids)
-        self.cause = cause
+    def __init__(self, causes: Mapping[str, BaseException], outputs: Sequence[Any] = ()):
+        self.causes = dict(causes)
+        self.request_ids: tuple[str, ...] = tuple(self.causes)
+        self.cause = next(iter(self.causes.values()), None)
         self.outputs = list(outputs)
-        what = f"{type(cause).__name__}: {cause}" if cause is not None else "unknown error"
+        what = f"{type(self.cause).__name__}: {self.cause}" if self.cause is not None else "unknown error"
         super().__init__(f"request {', '.join(self.request_ids)} failed in the engine ({what})")
 
     def for_request(self, request_id: str) -> StepError:
-        """The same failure as seen by one request's stream (naming no other request)."""
-        return StepError([request_id], self.cause)
+        """The failure as one request's stream sees it: its own cause, naming no other request."""
+        return StepError({request_id: self.causes[request_id]})
 
 
 class EngineDeadError(EngineError):

@@ -12,7 +12,7 @@ Faults are contained to the requests they touch:
   recursively, so the rows that fail on their own are found; the others keep their results (a row's K/V write
   and its seeded draw are the same on a retry). Rows with a token outside the vocabulary fail alone.
 - post-processing one row raises (detokenizer, stop checks): only that row's request fails.
-A failed request's samples are finished (blocks freed) and step() raises StepError(request_ids) carrying the
+A failed request's samples are finished (blocks freed) and step() raises StepError({request id: cause}) with the
 other requests' outputs. After MAX_FAILED_STEPS_IN_A_ROW steps in which no row could run, or on any error of
 the scheduler itself, the engine is dead: step() and validate() raise EngineDeadError from then on.
 """
@@ -196,7 +196,7 @@ class LLMEngine:
             self._die(f"runner.execute failed for every row of {self._failed_steps_in_a_row} steps in a row "
                       f"(last: {type(cause).__name__}: {cause})", cause)
         if failed:
-            raise StepError(failed, next(iter(failed.values())), outputs)
+            raise StepError(failed, outputs)
         return outputs
 
     # -- fault isolation --------------------------------------------------------------------------
@@ -215,6 +215,8 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001 - isolated below
             if len(idx) == 1:
                 return {}, {idx[0]: e}
+            result = None          # retried outside the except block, so tracebacks do not chain
+        if result is None:
             ok_a, bad_a = self._execute_isolating(sched, idx[:len(idx) // 2])
             ok_b, bad_b = self._execute_isolating(sched, idx[len(idx) // 2:])
             return {**ok_a, **ok_b}, {**bad_a, **bad_b}
