@@ -131,7 +131,7 @@ class AsyncEngine:
             self._deliver(rid, e)
         except Exception as e:  # noqa: BLE001 - a bug of ours, for this request only
             log.exception("adding request %s failed", rid)
-            self.engine.abort(rid)
+            self.engine.discard(rid)
             self._deliver(rid, StepError({rid: e}))
 
     def _abort(self, rid: str) -> None:

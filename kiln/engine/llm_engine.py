@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import operator
 import random
 
@@ -96,11 +97,11 @@ class LLMEngine:
         if len(prompt_token_ids) >= max_len:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len is {max_len} and at "
                              f"least one token must be left to generate")
-        bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int)
+        bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                or not 0 <= t < self.spec.vocab_size]
         if bad:
-            shown = bad[0] if not isinstance(bad[0], int) or abs(bad[0]) < 2**64 else "a huge integer"
-            raise ValueError(f"prompt_token_ids holds {shown!s}, outside the vocabulary [0, {self.spec.vocab_size})")
+            shown = "a huge integer" if isinstance(bad[0], int) and abs(bad[0]) >= 2**64 else repr(bad[0])[:40]
+            raise ValueError(f"prompt_token_ids holds {shown}, outside the vocabulary [0, {self.spec.vocab_size})")
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
 
@@ -245,7 +246,7 @@ class LLMEngine:
                 continue
             outputs.append(out)
             if out.finished:
-                del self._parents[rid]
+                self._parents.pop(rid, None)
         return outputs
 
     def _fail_requests(self, failed: dict[str, BaseException]) -> None:
@@ -254,10 +255,16 @@ class LLMEngine:
         log.error("engine step %d failed request(s) %s", self.num_steps, ", ".join(failed),
                   exc_info=(type(first), first, first.__traceback__))
         for rid in failed:
-            parent = self._parents.pop(rid, None)
-            for s in parent.samples if parent is not None else ():
-                self._child_to_parent.pop(s.request.request_id, None)
-                self._scheduler_call(self.scheduler.finish, s.request.request_id, "error")
+            self.discard(rid)
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request in whatever state it is, even half added (finish reason `error`, blocks freed)."""
+        parent = self._parents.pop(request_id, None)
+        children = {cid for cid, (p, _) in self._child_to_parent.items() if p.request_id == request_id}
+        children |= {s.request.request_id for s in parent.samples} if parent is not None else set()
+        for cid in children:
+            self._child_to_parent.pop(cid, None)
+            self._scheduler_call(self.scheduler.finish, cid, "error")
 
     def _scheduler_call(self, fn, *args):
         """Call into the scheduler; an error there breaks its invariants, so the engine dies."""

@@ -219,3 +219,26 @@ def test_failing_stats_do_not_kill_the_engine(ae) -> None:
     ae.engine.stats = broken
     out = run(collect(ae, PROMPTS["c"]))
     assert out.outputs[0].token_ids == expected(PROMPTS["c"]) and ae.error is None
+
+
+def test_a_request_that_fails_half_added_is_cleaned_up(ae, monkeypatch) -> None:
+    import kiln.engine.llm_engine as llm_engine
+    real = llm_engine.IncrementalDetokenizer
+    made = []
+
+    def detokenizer(*args, **kwargs):           # the second sample's detokenizer fails: one child is queued
+        made.append(1)
+        if len(made) == 2:
+            raise RuntimeError("half added")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "IncrementalDetokenizer", detokenizer)
+    ae.engine.runner.step_seconds = 0.002
+    err = run(collect(ae, [1, 2, 3], SamplingParams(temperature=0.5, n=3, max_tokens=200, ignore_eos=True), "half"))
+    assert isinstance(err, StepError) and err.request_ids == ("half",) and "half added" in str(err)
+    assert "half#0" not in ae.engine.scheduler.requests        # discarded before the error was delivered
+    monkeypatch.setattr(llm_engine, "IncrementalDetokenizer", real)
+    assert run(collect(ae, PROMPTS["a"])).outputs[0].token_ids == expected(PROMPTS["a"])
+    run(wait_idle(ae))
+    assert not ae.engine.scheduler.requests and ae.engine.scheduler.kv.stats()["blocks_used"] == 0
+    assert ae.error is None
