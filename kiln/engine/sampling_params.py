@@ -7,7 +7,7 @@ afterwards), in two passes:
                  a float field takes a real number, never a bool or a string; `stop` becomes a list of strings,
                  `stop_token_ids` a list of ints, `logit_bias` a dict of int -> float. Values become plain
                  Python ints and floats, so nothing wider than the sampler's int32/int64 or float32 reaches it.
-    _verify      each field's range: NaN and infinity nowhere, integers within 64 bits (top_k within 32),
+    _verify      each field's range: NaN and infinity nowhere, integers within 64 bits (top_k within 32 bits),
                  and the limits below.
 
 Every error is a ValueError whose message starts with the field name (the HTTP server derives the OpenAI `param`
