@@ -33,7 +33,7 @@ from kiln.engine.outputs import CompletionOutput, RequestOutput
 from kiln.engine.request import Request
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
-from kiln.engine.scheduler_output import ScheduledRow, SchedulerOutput
+from kiln.engine.scheduler_output import ScheduledRow
 from kiln.kernels.sampling import check_supported
 from kiln.models.spec import ModelSpec
 from kiln.models.tokenizer import Tokenizer
@@ -201,8 +201,8 @@ class LLMEngine:
         return outputs
 
     # -- fault isolation --------------------------------------------------------------------------
-    def _execute_isolating(self, sched: SchedulerOutput, idx: list[int]):
-        """Run rows `idx` of `sched`; on an error run each half again, down to single rows.
+    def _execute_isolating(self, sched, idx: list[int]):
+        """Run rows `idx` of `sched` (a SchedulerOutput); on an error run each half again, down to single rows.
 
         Returns ({row index: (token, logprob, top)}, {row index: exception}) covering every index.
         """
