@@ -134,6 +134,18 @@ def test_params_are_rejected_or_run_to_completion_in_the_vocabulary(kwargs: dict
 _SAMPLE = None
 
 
+def sampling_tensors(rows: list[SamplingParams], history: list[int], step: int, seed: int):
+    """The host-side tensors for `rows` sharing one history, step and seed; eos is VOCAB - 1."""
+    try:        # the backends split: the host side lives in kiln.backends.inputs, with eos ids per row
+        from kiln.backends.inputs import build_sampling_tensors
+        eos: list = [[VOCAB - 1]] * len(rows)
+    except ImportError:
+        from kiln.kernels.sampling import build_sampling_tensors
+        eos = [VOCAB - 1]
+    n = len(rows)
+    return build_sampling_tensors(rows, [history] * n, [len(history)] * n, eos, [step] * n, [seed] * n, n, 32)
+
+
 def sampler():
     """The sampler kernel, jitted once for a [2, VOCAB] batch."""
     global _SAMPLE
@@ -150,7 +162,7 @@ def sampler():
                                                         min_size=VOCAB, max_size=VOCAB),
        step=st.integers(0, 10))
 def test_accepted_params_never_make_the_sampler_leave_the_vocabulary(kwargs, history, logits, step) -> None:
-    from kiln.kernels.sampling import build_sampling_tensors, check_supported
+    from kiln.kernels.sampling import check_supported
     params = build(kwargs)
     if params is None:
         return
@@ -162,8 +174,7 @@ def test_accepted_params_never_make_the_sampler_leave_the_vocabulary(kwargs, his
     event("sampled")
     greedy = dataclasses.replace(params, temperature=0.0)      # row 1: the same params on the argmax path
     seed = params.seed if params.seed is not None else 7
-    tensors = build_sampling_tensors([params, greedy], [history, history], [len(history)] * 2, [VOCAB - 1],
-                                     [step, step], [seed, seed], 2, 32)
+    tensors = sampling_tensors([params, greedy], history, step, seed)
     batch = np.stack([np.asarray(logits, np.float32)] * 2)
     tokens = np.asarray(sampler()(batch, tensors).tokens)
     assert tokens.shape == (2,) and all(0 <= t < VOCAB for t in tokens.tolist()), (tokens, params)
