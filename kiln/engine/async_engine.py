@@ -36,7 +36,8 @@ __all__ = ["AsyncEngine", "EngineDeadError", "StepError"]   # the servers import
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
-        """`on_death(error)` is called once, from the engine thread, if the engine stops on an error."""
+        """`on_death(error)` is called once, from the engine thread, if the engine stops on an error (before the
+        pending streams are failed, so it should not block on them)."""
         self.engine = engine
         self.on_death = on_death
         self.tokenizer = engine.tokenizer
@@ -188,12 +189,12 @@ class AsyncEngine:
             log.exception("engine thread died")
             self._closed = e if isinstance(e, EngineDeadError) else EngineDeadError(f"engine stopped: {e}")
             self._error = e
-            self._fail_streams()
-            if self.on_death is not None:
+            if self.on_death is not None:   # first, so health has flipped before any client hears of it
                 try:
                     self.on_death(e)
                 except Exception:  # noqa: BLE001
                     log.exception("on_death callback failed")
+            self._fail_streams()
             return
         self._closed = EngineDeadError("engine is shut down")
         self._fail_streams()

@@ -9,8 +9,9 @@ Samples of one request share the prompt's KV blocks through the prefix cache.
 
 Faults are contained to the requests they touch:
 - runner.execute raises (or returns a result of the wrong length): the step's rows are run again in halves,
-  recursively, so the rows that fail on their own are found; the others keep their results (a row's K/V write
-  and its seeded draw are the same on a retry). Rows with a token outside the vocabulary fail alone.
+  recursively (at most MAX_EXECUTES_PER_STEP calls), so the rows that fail on their own are found; the others
+  keep their results (a row's K/V write and its seeded draw are the same on a retry). Rows with a token outside
+  the vocabulary fail alone.
 - post-processing one row raises (detokenizer, stop checks): only that row's request fails.
 A failed request's samples are finished (blocks freed) and step() raises StepError({request id: cause}) with the
 other requests' outputs. After MAX_FAILED_STEPS_IN_A_ROW steps in which no row could run, or on any error of
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS_IN_A_ROW = 3
 """Steps in a row in which runner.execute failed for every row before the engine declares itself dead."""
+
+MAX_EXECUTES_PER_STEP = 24
+"""Runner calls one step may spend isolating a fault: one bad row among 2048 costs 1 + 2 * 11 = 23, while a
+broken device fails the step after 24 calls instead of 2 * rows - 1."""
 
 
 @dataclasses.dataclass
@@ -167,7 +172,8 @@ class LLMEngine:
         sched = self._scheduler_call(self.scheduler.schedule)
         if sched is None:
             return []
-        results, row_errors = self._execute_isolating(sched, list(range(len(sched.rows))))
+        results, row_errors = self._execute_isolating(sched, list(range(len(sched.rows))),
+                                                      [MAX_EXECUTES_PER_STEP])
         self._failed_steps_in_a_row = 0 if results else self._failed_steps_in_a_row + 1
         self._scheduler_call(self.scheduler.on_step_done, dataclasses.replace(
             sched, rows=[sched.rows[i] for i in sorted(results)]))
@@ -201,11 +207,16 @@ class LLMEngine:
         return outputs
 
     # -- fault isolation --------------------------------------------------------------------------
-    def _execute_isolating(self, sched, idx: list[int]):
+    def _execute_isolating(self, sched, idx: list[int], budget: list[int], cause: BaseException | None = None):
         """Run rows `idx` of `sched` (a SchedulerOutput); on an error run each half again, down to single rows.
 
-        Returns ({row index: (token, logprob, top)}, {row index: exception}) covering every index.
+        The whole step spends at most `budget[0]` runner calls; rows left when it runs out fail with `cause`
+        (the error of the larger part they were in). Returns ({row index: (token, logprob, top)},
+        {row index: exception}) covering every index.
         """
+        if budget[0] <= 0 and cause is not None:
+            return {}, dict.fromkeys(idx, cause)
+        budget[0] -= 1
         step = sched if len(idx) == len(sched.rows) else dataclasses.replace(
             sched, rows=[sched.rows[i] for i in idx], preempted=[])
         try:
@@ -216,10 +227,10 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001 - isolated below
             if len(idx) == 1:
                 return {}, {idx[0]: e}
-            result = None          # retried outside the except block, so tracebacks do not chain
+            result, error = None, e    # retried outside the except block, so tracebacks do not chain
         if result is None:
-            ok_a, bad_a = self._execute_isolating(sched, idx[:len(idx) // 2])
-            ok_b, bad_b = self._execute_isolating(sched, idx[len(idx) // 2:])
+            ok_a, bad_a = self._execute_isolating(sched, idx[:len(idx) // 2], budget, error)
+            ok_b, bad_b = self._execute_isolating(sched, idx[len(idx) // 2:], budget, error)
             return {**ok_a, **ok_b}, {**bad_a, **bad_b}
         results, failures = {}, {}
         vocab = self.spec.vocab_size

@@ -9,7 +9,7 @@ import pytest
 from kiln.backends.base import StepResult
 from kiln.backends.mock import next_token
 from kiln.engine.errors import EngineDeadError, EngineError, StepError
-from kiln.engine.llm_engine import MAX_FAILED_STEPS_IN_A_ROW
+from kiln.engine.llm_engine import MAX_EXECUTES_PER_STEP, MAX_FAILED_STEPS_IN_A_ROW
 from kiln.engine.sampling_params import SamplingParams
 from tests.mock_engine import mock_engine
 from tests.tiny import VOCAB
@@ -241,3 +241,20 @@ def test_a_broken_scheduler_kills_the_engine() -> None:
     assert engine.dead is not None
     with pytest.raises(EngineDeadError):
         engine.step()
+
+
+def test_a_broken_runner_costs_a_bounded_number_of_calls_per_step() -> None:
+    engine = mock_engine(max_num_seqs=64)
+    add_all(engine, {f"r{i}": [i + 1] for i in range(64)})
+    calls = []
+
+    def always(step):
+        calls.append(len(step.rows))
+        raise RuntimeError("device lost")
+
+    engine.runner.fault = always
+    with pytest.raises(StepError) as e:
+        engine.step()
+    assert len(e.value.request_ids) == 64 and not e.value.outputs
+    assert calls[0] == 64 and len(calls) == MAX_EXECUTES_PER_STEP     # not 2 * 64 - 1
+    assert engine.scheduler.kv.stats()["blocks_used"] == 0
