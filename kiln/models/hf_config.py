@@ -45,7 +45,9 @@ def rope(cfg: dict[str, Any]) -> RopeSpec:
             scaling = LinearRopeScaling(float(rs["factor"]))
         elif kind not in (None, "default"):
             raise ModelError(f"unsupported rope_scaling type {kind!r}; supported: llama3, linear")
-    theta = cfg.get("rope_theta", params.get("rope_theta"))
+    theta = cfg.get("rope_theta")
+    if theta is None:
+        theta = params.get("rope_theta")
     return RopeSpec(float(theta if theta is not None else 10000.0), scaling)
 
 

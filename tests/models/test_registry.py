@@ -92,8 +92,8 @@ def test_backends_refuse_features_they_do_not_implement_by_name():
     spec = ModelSpec.from_hf_config(cfg("LlamaForCausalLM"))
     spec.check_supported("jax")
     moe = LayerSpec(spec.layers[0].attention, MoeSpec(num_experts=8, top_k=2, intermediate_size=48))
-    softcap = dataclasses.replace(spec.layers[0].attention, qk_norm=True)
-    odd = dataclasses.replace(spec, layers=(moe, LayerSpec(softcap, spec.layers[0].mlp, norms="sandwich")),
+    qk_norm = dataclasses.replace(spec.layers[0].attention, qk_norm=True)
+    odd = dataclasses.replace(spec, layers=(moe, LayerSpec(qk_norm, spec.layers[0].mlp, norms="sandwich")),
                               final_logit_softcap=30.0)
     with pytest.raises(ModelError) as e:
         odd.check_supported("torch")

@@ -174,3 +174,27 @@ def test_configs_written_by_transformers(variant, tmp_path):
         assert s.head_dim == 24 != s.hidden_size // s.num_heads
     else:
         assert s.rope_scaling is None
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "default", "rope_theta": 1e6},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 5000.0}])
+def test_rope_spec_frequencies_match_transformers(rope_parameters):
+    """The RopeSpec a config gives, through kernels/rope.inv_frequencies (what both backends use), against
+    transformers' own RoPE init for the same config."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from kiln.kernels.rope import inv_frequencies
+
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=256,
+                     rope_parameters=dict(rope_parameters))
+    init = ROPE_INIT_FUNCTIONS.get(rope_parameters["rope_type"], LlamaRotaryEmbedding.compute_default_rope_parameters)
+    want = init(hf)[0].numpy()
+    rope = spec(head_dim=16, rope_theta=None, rope_parameters=rope_parameters).layers[0].attention.rope
+    got = inv_frequencies(16, rope.theta, rope.scaling)
+    assert got.shape == (8,) and float(abs(got - want).max() / want.max()) < 1e-6
+
