@@ -101,9 +101,9 @@ def decoder_layer(lw: Layer, st: _Step, x: torch.Tensor, delta: torch.Tensor | N
     """One pre-norm layer. x [N, D] float32 first takes the previous layer's `delta` (in place, fused into this
     layer's first norm); returns this layer's own delta, the MLP output [N, D], for the next norm to add.
     Biases are in lw's Linears where the LayerSpec has them (weights.load_weights)."""
-    h = _add_norm(kern, x, delta, lw.ln1, eps, dt)
+    h = _add_norm(kern, x, delta, lw.attn_norm, eps, dt)
     a = _attend(st, lw.qkv(h), kc, vc)                                            # [N, H*Dh]
-    h = _add_norm(kern, x, lw.o(a), lw.ln2, eps, dt)
+    h = _add_norm(kern, x, lw.o(a), lw.mlp_norm, eps, dt)
     g, u = lw.gate_up(h).chunk(2, -1)                                             # [N, F] each
     return lw.down(F.silu(g) * u)                                                 # [N, D]
 

@@ -89,12 +89,12 @@ class Linear:
 
 @dataclasses.dataclass
 class Layer:
-    ln1: torch.Tensor      # [D] float32 (the residual stream is float32): attn_norm
-    ln2: torch.Tensor      # [D] float32: mlp_norm
-    qkv: Linear            # D -> (H + 2 KVH) Dh
-    o: Linear              # H Dh -> D
-    gate_up: Linear        # D -> 2F
-    down: Linear           # F -> D
+    attn_norm: torch.Tensor  # [D] float32 (the residual stream is float32)
+    mlp_norm: torch.Tensor   # [D] float32
+    qkv: Linear              # D -> (H + 2 KVH) Dh, with the q/k/v bias where the AttentionSpec has one
+    o: Linear                # H Dh -> D
+    gate_up: Linear          # D -> 2F
+    down: Linear             # F -> D
 
 
 @dataclasses.dataclass
@@ -135,7 +135,8 @@ def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tens
 
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
                  max_pos: int) -> Weights:
-    """HF-named float32 tensors -> Weights; `int4` keeps lossless 4-bit copies of the layer projections."""
+    """HF-named float32 tensors -> Weights, one Layer per LayerSpec (kiln's layout, models/layout.py: fused
+    qkv and gate_up, biases where the spec has them); `int4` keeps lossless 4-bit copies of the projections."""
     spec.check_supported("torch", IMPLEMENTED)
     src = source_tensors(spec, tensors)
     # memory-mapped safetensors are read-only; every tensor made here is copied (cast, packed) or only read
@@ -151,7 +152,7 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     for i, ls in enumerate(spec.layers):
         a, m = ls.attention, ls.mlp
         layers.append(Layer(
-            ln1=t(src.layer(i, "attn_norm")), ln2=t(src.layer(i, "mlp_norm")),   # float32
+            attn_norm=t(src.layer(i, "attn_norm")), mlp_norm=t(src.layer(i, "mlp_norm")),   # float32
             qkv=linear(i, "qkv", a.qkv_bias), o=linear(i, "o", a.o_bias),
             gate_up=linear(i, "gate_up", m.bias), down=linear(i, "down", m.bias)))
     embed32 = t(src.get("embed"))
