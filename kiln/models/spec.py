@@ -156,22 +156,15 @@ class ModelSpec:
     def features(self) -> set[str]:
         """Names of what this model uses beyond a plain pre-norm Llama layer (biases aside), for a backend to
         check against what it implements: `ModelError` naming the rest beats a wrong answer."""
-        f = set()
-        for l in self.layers:
-            a, m = l.attention, l.mlp
-            f |= {name for name, used in (
-                ("qk_norm", a.qk_norm), ("attention logit softcap", a.logit_softcap is not None),
-                ("attention scale", a.scale is not None), ("linear rope scaling", isinstance(
-                    a.rope.scaling, LinearRopeScaling)), ("mixture of experts", isinstance(m, MoeSpec)),
-                (f"{l.norms}-norm layers", l.norms != "pre"), (f"{m.act} activation", m.act != "silu")) if used}
+        f = set().union(*(_layer_features(l) for l in self.layers))
         if len({_structure(l) for l in self.layers}) > 1:
             f.add("layers of different structure")
         if len({l.attention.rope for l in self.layers}) > 1:
             f.add("per-layer rope")
-        f |= {name for name, used in (("embedding scale", self.embed_scale is not None),
-                                      ("final logit softcap", self.final_logit_softcap is not None),
-                                      (f"{self.norm.kind} norm", self.norm.kind != "rms")) if used}
-        return f
+        used = {"embedding scale": self.embed_scale is not None,
+                "final logit softcap": self.final_logit_softcap is not None,
+                f"{self.norm.kind} norm": self.norm.kind != "rms"}
+        return f | {name for name, on in used.items() if on}
 
     def check_supported(self, backend: str, implemented: set[str] = frozenset()) -> None:
         """ModelError naming every feature of this model that `backend` does not implement."""
@@ -192,6 +185,16 @@ class ModelSpec:
         """config.json (as a dict) -> spec, by the family its architecture belongs to (models/registry.py)."""
         from kiln.models.registry import spec_from_config
         return spec_from_config(cfg)
+
+
+def _layer_features(layer: LayerSpec) -> set[str]:
+    a, m = layer.attention, layer.mlp
+    used = {"qk_norm": a.qk_norm, "attention logit softcap": a.logit_softcap is not None,
+            "attention scale": a.scale is not None,
+            "linear rope scaling": isinstance(a.rope.scaling, LinearRopeScaling),
+            "mixture of experts": isinstance(m, MoeSpec), f"{layer.norms}-norm layers": layer.norms != "pre",
+            f"{m.act} activation": m.act != "silu"}
+    return {name for name, on in used.items() if on}
 
 
 def _structure(layer: LayerSpec) -> LayerSpec:
