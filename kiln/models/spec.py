@@ -154,8 +154,9 @@ class ModelSpec:
         return values.pop()
 
     def features(self) -> set[str]:
-        """Names of what this model uses beyond a plain pre-norm Llama layer (biases aside), for a backend to
-        check against what it implements: `ModelError` naming the rest beats a wrong answer."""
+        """Names of what this model uses beyond a plain pre-norm Llama layer, for a backend to check against
+        what it implements: `ModelError` naming the rest beats a wrong answer. Biases and RoPE scaling are not
+        listed: every backend has them (RoPE frequencies come from kernels/rope.inv_frequencies for all)."""
         f = set().union(*(_layer_features(l) for l in self.layers))
         if len({_structure(l) for l in self.layers}) > 1:
             f.add("layers of different structure")
@@ -191,7 +192,6 @@ def _layer_features(layer: LayerSpec) -> set[str]:
     a, m = layer.attention, layer.mlp
     used = {"qk_norm": a.qk_norm, "attention logit softcap": a.logit_softcap is not None,
             "attention scale": a.scale is not None,
-            "linear rope scaling": isinstance(a.rope.scaling, LinearRopeScaling),
             "mixture of experts": isinstance(m, MoeSpec), f"{layer.norms}-norm layers": layer.norms != "pre",
             f"{m.act} activation": m.act != "silu"}
     return {name for name, on in used.items() if on}
