@@ -2,7 +2,11 @@
 peers installed under $PEERS (../shared/peers/setup.sh): a table of tokens/s, kiln's ratio to each, JSON and a
 PNG chart, plus the machine's own bounds (memory read bandwidth, matmul throughput).
 
-    .venv/bin/python scripts/bench.py [--peers vllm,llamacpp,hf] [--out bench-results]
+    .venv/bin/python scripts/bench.py [--peers vllm,llamacpp,hf] [--out bench-results] [--baseline DIR]
+
+W1 also runs sampled (temperature 0.8, top_p 0.95, a seed per request) on kiln: `sampled_tok_per_s`.
+`--baseline DIR` runs the same kiln configurations from another checkout (e.g. a `git worktree` of an older
+commit) in a subprocess of this run, so a change is measured against its parent side by side.
 """
 from __future__ import annotations
 
@@ -68,15 +72,38 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str
     t1 = time.perf_counter()
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
-    cfg, params = llm.engine.config, llm.engine.runner.params
+    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=out_len, ignore_eos=True)
+               for i in range(n)]
+    llm.generate(prompts[:2], sampled[:2])                                              # touch the sampler
+    t2 = time.perf_counter()
+    outs_s = llm.generate(prompts, sampled)
+    dt_s = time.perf_counter() - t2
+    gen_s = sum(len(o.outputs[0].token_ids) for o in outs_s)
+    cfg, runner = llm.engine.config, llm.engine.runner
+    params = getattr(runner, "weights", None) or getattr(runner, "params", None)
     # weight bytes one single-stream step reads: the torch backend's by batch size, the jax backend's all of them
     wbytes = params.bytes_read(1) if cfg.backend == "torch" else sum(x.nbytes for x in jax.tree.leaves(params))
     kv_note = f", KV {cfg.kv_dtype}" if cfg.kv_dtype != cfg.dtype else ""
+    st = llm.engine.stats()
     return {"engine": f"kiln {cfg.backend} ({cfg.dtype}{kv_note})", "n": n,
             "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
+            "sampled_tok_per_s": round(gen_s / dt_s, 1),
             "init_s": round(init, 1), "weight_bytes_per_token": wbytes,
-            "compiles_while_serving": llm.engine.runner.guard.while_serving}
+            "compiles_while_serving": st.get("compiles_while_serving", 0)}
+
+
+def run_baseline(tree: Path, kiln_runs: str, n: int, out_len: int) -> list[dict]:
+    """The same kiln runs from another checkout (its kiln package first on the path), in a subprocess."""
+    r = subprocess.run([sys.executable, __file__, "--kiln", kiln_runs, "--peers", "", "--no-reference",
+                        "--kiln-only", "-n", str(n), "--out-len", str(out_len)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tree.resolve())})
+    out = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if not out:
+        print(f"[bench] baseline {tree} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+    for x in out:
+        x["engine"] += f" [baseline {tree.name}]"
+    return out
 
 
 def hf_reference(model: str, n: int, out_len: int, dtype: str) -> list[list[int]]:
@@ -135,11 +162,20 @@ def main() -> None:
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip comparing W1 outputs with transformers (float32 and bfloat16) on the same weights")
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another kiln checkout whose same configurations run in this invocation too")
+    ap.add_argument("--kiln-only", action="store_true", help=argparse.SUPPRESS)   # run_baseline's subprocess
     a = ap.parse_args()
     peers = Path(os.environ.get("PEERS", "~/.cache/kiln-peers")).expanduser()
+    results = []
+    if a.kiln_only:
+        for run in a.kiln.split(","):
+            backend, dtype, kv = (run.split(":") + ["auto", "auto"])[:3]
+            r = run_kiln(a.model, a.n, a.out_len, backend, dtype, kv)
+            print("RESULT " + json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+        return
     bounds = machine_bounds()
     print("machine:", bounds)
-    results = []
     for run in a.kiln.split(","):
         backend, dtype, kv = (run.split(":") + ["auto", "auto"])[:3]
         results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype, kv))
@@ -153,6 +189,10 @@ def main() -> None:
                 print(f"[bench] {r['engine']} vs transformers {dt}: {r[f'w1_vs_hf_{dt}']}")
     for r in results:
         r.pop("tokens")
+    if a.baseline is not None:
+        for r in run_baseline(a.baseline, a.kiln, a.n, a.out_len):
+            print("RESULT " + json.dumps(r), flush=True)
+            results.append(r)
     for name in filter(None, a.peers.split(",")):
         r = run_peer(name, peers, a.n, a.out_len)
         if r:
@@ -165,10 +205,11 @@ def main() -> None:
     peak = bounds["matmul_float32_GFLOPs"] if "float32" in kiln["engine"] else max(
         bounds["matmul_bfloat16_GFLOPs"], bounds.get("matmul_bfloat16_onednn_GFLOPs", 0))
     w1_bound = peak * 1e9 / flops_per_token
-    print(f"\n{'engine':<36} {'W1 tok/s':>9} {'W2 tok/s':>9} {'init s':>7} {'kiln/W1':>8} {'kiln/W2':>8}")
+    print(f"\n{'engine':<52} {'W1 tok/s':>9} {'W1 sampled':>10} {'W2 tok/s':>9} {'init s':>7} {'kiln/W1':>8} "
+          f"{'kiln/W2':>8}")
     for r in results:
-        print(f"{r['engine']:<36} {r['tok_per_s']:>9} {r['single_stream_tok_per_s']:>9} {r['init_s']:>7} "
-              f"{kiln['tok_per_s'] / r['tok_per_s']:>8.2f} "
+        print(f"{r['engine']:<52} {r['tok_per_s']:>9} {r.get('sampled_tok_per_s', '-'):>10} "
+              f"{r['single_stream_tok_per_s']:>9} {r['init_s']:>7} {kiln['tok_per_s'] / r['tok_per_s']:>8.2f} "
               f"{kiln['single_stream_tok_per_s'] / r['single_stream_tok_per_s']:>8.2f}")
     print(f"bounds for {kiln['engine']}: W2 <= {w2_bound:.0f} tok/s ({kiln['weight_bytes_per_token'] / 1e6:.0f} MB of "
           f"weights per token at the read bandwidth), W1 <= {w1_bound:.0f} tok/s (matmul peak); kiln reaches {kiln['single_stream_tok_per_s'] / w2_bound:.0%} and "

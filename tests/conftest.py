@@ -64,6 +64,36 @@ def default_hf_dir(default_gguf: Path) -> Path:
     return out
 
 
+# -- no silent skips -------------------------------------------------------------------------------------
+# On a fresh machine a skipped test is a test that did not run: any skip fails the session, except tests
+# marked `hardware("gpu", "why")` for hardware CI cannot have, which are skipped where it is absent (listed
+# with their reason). KILN_TEST_HARDWARE=gpu,... says which hardware this machine has.
+_HARDWARE = {h for h in os.environ.get("KILN_TEST_HARDWARE", "").split(",") if h}
+_unexpected_skips: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        mark = item.get_closest_marker("hardware")
+        if mark is not None and mark.args[0] not in _HARDWARE:
+            why = mark.args[1] if len(mark.args) > 1 else ""
+            item.add_marker(pytest.mark.skip(reason=f"needs {mark.args[0]} (KILN_TEST_HARDWARE): {why}"))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail") and "hardware" not in report.keywords:
+        _unexpected_skips.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("skipped tests fail this run")
+        for nodeid in _unexpected_skips:
+            terminalreporter.write_line(f"SKIPPED (not allowed): {nodeid}")
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Remove this session's graph cache."""
+    """Remove this session's graph cache; fail the session if a test skipped for a reason other than hardware."""
     shutil.rmtree(os.environ["KILN_CACHE_DIR"], ignore_errors=True)
+    if _unexpected_skips and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -27,7 +27,7 @@ class Request:
     num_cached_tokens: int = -1            # prompt tokens served by the prefix cache (first schedule)
     num_preemptions: int = 0
     status: Status = Status.WAITING
-    finish_reason: str | None = None       # stop | length | abort
+    finish_reason: str | None = None       # stop | length | abort | error (failed by the engine: StepError)
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it
 
     @property

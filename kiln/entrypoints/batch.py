@@ -2,9 +2,10 @@
 
     input (file or stdin) ── read in chunks ──> line -> BatchRequest | LineError (batch_format)
         LineError ─────────────────────────────────────────────────┐
-        BatchRequest ── at most --max-in-flight at once ──> AsyncEngine.generate (continuous batching)
+        BatchRequest ── at most --max-in-flight at once ──> ServingCore.submit (validation: InvalidRequest
+                        is the line's 400 record) ──> the engine (continuous batching)
                                                       finished ──> record ──> append to <out>.partial
-    all lines answered ──> fsync ──> rename <out>.partial -> <out>
+    all lines answered ──> fsync ──> rename <out>.partial -> <out>      (the files: batch_files.py)
 
 Files. Results go to `<out>.partial` (same folder) as each request finishes, one `os.write` per record, and
 are fsync'ed about once a second; the finished file is renamed to `<out>` only when every input line has its
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import os
 import secrets
 import sys
@@ -32,17 +32,20 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from kiln.engine.async_engine import AsyncEngine, EngineDeadError
+from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
+from kiln.entrypoints.batch_files import (BatchUsageError, Writer, check_paths, count_lines, partial_path,
+                                          read_lines, repair_torn_tail, scan_done, sniff_format)
+from kiln.serving import errors as E
+from kiln.serving.core import ServingCore
+from kiln.serving.options import ServingOptions
+
+__all__ = ["BatchAborted", "BatchStats", "BatchUsageError", "check_paths", "main", "partial_path",
+           "repair_torn_tail", "run_batch", "run_batch_async", "sniff_format"]
 
 FORMATS = ("auto", "jsonl", "text")
-READ_CHUNK = 1 << 16              # bytes of input read per hop to the reader thread
-
-
-class BatchUsageError(ValueError):
-    """The job cannot start or go on as asked (missing input, existing output, mismatched resume)."""
 
 
 class BatchAborted(RuntimeError):
@@ -72,125 +75,15 @@ class BatchStats:
                 f"{self.wall_s:.1f}s wall, {self.new / w:.2f} req/s, {self.completion_tokens / w:.1f} output tok/s")
 
 
-def partial_path(output: str | os.PathLike) -> Path:
-    out = Path(output)
-    return out.with_name(out.name + ".partial")
-
-
-def check_paths(input_path: str, output_path: str | os.PathLike, *, resume: bool = False,
-                overwrite: bool = False) -> None:
-    """Usage errors that need no model: raise BatchUsageError before anything is loaded."""
-    if resume and overwrite:
-        raise BatchUsageError("--resume and --overwrite contradict each other; pick one")
-    if input_path != "-" and not Path(input_path).is_file():
-        raise BatchUsageError(f"input file not found: {input_path}")
-    out, part = Path(output_path), partial_path(output_path)
-    if not out.parent.is_dir():
-        raise BatchUsageError(f"output folder does not exist: {out.parent}")
-    if out.is_dir():
-        raise BatchUsageError(f"output path is a folder: {out}")
-    if not resume and not overwrite:
-        if part.exists():
-            raise BatchUsageError(f"{part} is left from an interrupted job: pass --resume to continue it "
-                                  f"or --overwrite to start over")
-        if out.exists():
-            raise BatchUsageError(f"{out} exists: pass --overwrite to replace it (or --resume to answer only "
-                                  f"input lines it lacks)")
-
-
-# -- the output file ------------------------------------------------------------------------------
-def repair_torn_tail(fd: int) -> int:
-    """Cut the file after its last newline (a record torn by a kill mid-write); returns bytes removed."""
-    size = os.fstat(fd).st_size
-    pos = size
-    while pos > 0:
-        step = min(pos, READ_CHUNK)
-        buf = os.pread(fd, step, pos - step)
-        i = buf.rfind(b"\n")
-        if i >= 0:
-            pos = pos - step + i + 1
-            break
-        pos -= step
-    if pos != size:
-        os.ftruncate(fd, pos)
-    return size - pos
-
-
-def _scan_done(path: Path, stats: BatchStats) -> dict[int, str | None]:
-    """Input line -> custom_id of every record already in a partial output; counts them into stats."""
-    done: dict[int, str | None] = {}
-    with open(path, "rb") as f:
-        for k, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise BatchUsageError(f"cannot resume: line {k} of {path} is not JSON") from None
-            n = F.lineno_of(rec)
-            if n is None or n in done:
-                raise BatchUsageError(f"cannot resume: line {k} of {path} is not a kiln batch record "
-                                      f"(or answers line {n} twice)")
-            done[n] = rec.get("custom_id")
-            if rec.get("error") is None:
-                stats.ok += 1
-            else:
-                stats.failed += 1
-    stats.total = stats.resumed = len(done)
-    return done
-
-
-class _Writer:
-    """Appends whole records with one write each; fsyncs at most every `fsync_s` seconds and at close."""
-
-    def __init__(self, fd: int, fsync_s: float):
-        self.fd, self.fsync_s, self.last_sync = fd, fsync_s, time.monotonic()
-
-    def write(self, record: dict) -> None:
-        data = memoryview(F.dumps(record))
-        while data:
-            data = data[os.write(self.fd, data):]
-        now = time.monotonic()
-        if now - self.last_sync >= self.fsync_s:
-            os.fsync(self.fd)
-            self.last_sync = now
-
-    def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-
-
-# -- the input ------------------------------------------------------------------------------------
-def count_lines(path: str) -> int | None:
-    """Non-blank lines of a file (the progress total); None for stdin."""
-    if path == "-":
-        return None
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-async def _lines(f: IO[bytes]):
-    """(line number, raw line) of a binary stream, read in chunks on a worker thread (stdin may block)."""
-    loop = asyncio.get_running_loop()
-    n = 0
-    while True:
-        chunk = await loop.run_in_executor(None, f.readlines, READ_CHUNK)
-        if not chunk:
-            return
-        for line in chunk:
-            n += 1
-            yield n, line
-
-
-def sniff_format(first_line: bytes) -> str:
-    """auto: JSONL when the first non-blank line starts with `{`, plain prompts otherwise."""
-    return "jsonl" if first_line.lstrip().startswith(b"{") else "text"
-
-
 # -- the job --------------------------------------------------------------------------------------
 class _Job:
-    def __init__(self, engine: AsyncEngine, src: IO[bytes], writer: _Writer, stats: BatchStats, *,
+    def __init__(self, engine: AsyncEngine, src: IO[bytes], writer: Writer, stats: BatchStats, *,
                  done: dict[int, str | None], fmt: str, text_params: SamplingParams, max_in_flight: int,
                  total: int | None, progress: bool):
         self.engine, self.src, self.writer, self.stats, self.done = engine, src, writer, stats, done
+        self.core = ServingCore(ServingOptions(max_queued=None))   # no admission limit: max_in_flight bounds it
+        self.core.attach(engine, engine.engine.config.model.model)
+        self.core.start_serving()
         self.fmt, self.text_params, self.max_in_flight = fmt, text_params, max_in_flight
         self.job = secrets.token_hex(4)
         self.created = int(time.time())
@@ -234,22 +127,15 @@ class _Job:
     async def _serve(self, req: F.BatchRequest) -> None:
         rid = self._rid(req.lineno)
         try:
-            try:
-                _, ids = self.engine.encode(req.prompt)
-            except Exception as e:        # chat template errors are not all ValueErrors
-                return self._error(req.lineno, req.custom_id, "invalid_request", f"cannot build the prompt: {e}")
-            final = None
-            try:
-                async for out in self.engine.generate(ids, req.params, request_id=rid):
-                    final = out
-            except ValueError as e:       # engine validation: prompt too long, token ids out of range, ...
-                return self._error(req.lineno, req.custom_id, "invalid_request", str(e))
+            final = (await self.core.submit([req.prompt], req.params, request_id=rid).finals())[0]
             body = F.response_body(req, final, model=self.model, created=self.created, decode=self.decode,
                                    body_id=("chatcmpl-" if req.url == F.CHAT_URL else "cmpl-") + rid[11:])
             self.stats.prompt_tokens += body["usage"]["prompt_tokens"]
             self.stats.completion_tokens += body["usage"]["completion_tokens"]
             self._emit(F.ok_record(F.record_id(self.job, req.lineno), req.custom_id, rid, body), ok=True)
-        except EngineDeadError as e:
+        except E.InvalidRequest as e:      # prompt too long, token ids out of range, bad chat role, ...
+            self._error(req.lineno, req.custom_id, "invalid_request", e.message)
+        except (E.Internal, E.Unavailable) as e:   # the engine stopped: keep what is written, for --resume
             self.fatal = self.fatal or e
         except asyncio.CancelledError:
             raise
@@ -278,7 +164,7 @@ class _Job:
             sem.release()
 
         try:
-            async for lineno, raw in _lines(self.src):
+            async for lineno, raw in read_lines(self.src):
                 if not raw.strip():
                     continue
                 if self.fmt == "auto":
@@ -337,11 +223,11 @@ async def run_batch_async(engine: AsyncEngine, input_path: str, output_path: str
         done: dict[int, str | None] = {}
         if resume:
             repair_torn_tail(fd)
-            done = _scan_done(part, stats)
+            done = scan_done(part, stats)
         max_in_flight = max_in_flight or 2 * engine.engine.config.scheduler.max_num_seqs
         if max_in_flight < 1:
             raise BatchUsageError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        writer = _Writer(fd, fsync_s)
+        writer = Writer(fd, fsync_s)
     except BaseException:
         os.close(fd)
         raise
@@ -379,7 +265,7 @@ def run_batch(engine: LLMEngine | AsyncEngine, input_path: str, output_path: str
 
 
 def main(args: Any, engine_kwargs: dict, text_params: SamplingParams) -> int:
-    """`kiln batch` (the parser lives in cli.py): check the paths, load the model, run, summarise."""
+    """`kiln batch` (its flags live in args.py): check the paths, load the model, run, summarise."""
     check_paths(args.input, args.output, resume=args.resume, overwrite=args.overwrite)
     if args.format not in FORMATS:
         raise BatchUsageError(f"format must be one of {', '.join(FORMATS)}")

@@ -144,12 +144,23 @@ def _number(body: dict, key: str, kind: type, default: Any) -> Any:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise LineError("invalid_request", f"{key} must be a number, got {v!r}")
+        raise LineError("invalid_request", f"{key} must be a number, got {_short(v)}")
     if kind is int:
-        if not float(v).is_integer():
-            raise LineError("invalid_request", f"{key} must be an integer, got {v!r}")
+        if isinstance(v, int):
+            return v                      # any size: SamplingParams states the range
+        if not v.is_integer():
+            raise LineError("invalid_request", f"{key} must be an integer, got {_short(v)}")
         return int(v)
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:                 # an integer literal too large for a float
+        raise LineError("invalid_request", f"{key} must be a finite number, got {_short(v)}") from None
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    """repr(v) cut to `limit` characters: an error message never echoes a huge value in full."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _flag(body: dict, key: str, default: bool) -> bool:
@@ -193,8 +204,8 @@ def _common_params(body: dict, max_tokens: int | None, logprobs: int | None) -> 
             raise LineError("invalid_request", f"logit_bias must be an object of token id -> bias, got {bias!r}")
         try:
             bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise LineError("invalid_request", "logit_bias keys must be token ids and values numbers") from None
+        except (TypeError, ValueError, OverflowError):
+            raise LineError("invalid_request", "logit_bias keys must be token ids and values finite numbers") from None
     return SamplingParams(
         n=_number(body, "n", int, 1),
         presence_penalty=_number(body, "presence_penalty", float, 0.0),

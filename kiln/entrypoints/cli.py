@@ -1,4 +1,5 @@
-"""The `kiln` command line: thin adapters over the engine. Errors are one line and a non-zero exit."""
+"""The `kiln` command line: generate, warmup, serve, client, batch. The flags are args.py's; each command is a
+thin adapter (serve.py, batch.py, client.py). Errors are one line and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
@@ -6,102 +7,10 @@ import logging
 import sys
 import time
 
-from kiln.backends.platform import BACKENDS
-from kiln.config import DTYPES, QUANTIZATIONS, ModelConfig
+from kiln.entrypoints.args import (add_batch_args, add_client_args, add_engine_args, add_sampling_args,
+                                   add_serve_args, engine_kwargs, options_from_args, sampling_params)
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=ModelConfig.model,
-                   help="a known model name (smollm2-135m-instruct), an HF folder or a .gguf file "
-                        "(default: %(default)s, fetched once into $KILN_CACHE_DIR/models)")
-    g.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="what runs the model step: jax (XLA graphs) or torch (PyTorch CPU kernels); auto = torch "
-                        "on a CPU with bf16 dot instructions (AVX512_BF16/AMX), where it is faster, else jax "
-                        "(also KILN_BACKEND; default: auto)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="compute dtype; auto = float32 for jax on CPU, else bfloat16")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=DTYPES,
-                   help="KV-cache dtype; auto = the compute dtype (torch backend: float32 also possible)")
-    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="auto: the torch backend keeps 4-bit GGUF (Q4_1) layer weights 4-bit where that is "
-                        "lossless, for small batches; none: dense weights only (default: auto)")
-    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "
-                   "(default: min(model limit, 2048))")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one prefill step, padding included (default: 2048)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
-    g.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV-cache size in GiB (default: $KILN_KVCACHE_SPACE or 1)")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn off reuse of cached prompt blocks")
-    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
-    c = p.add_argument_group("compiled graphs (buckets, warmup, graph cache)")
-    for name, what in (("prompt-bs", "prefill batch sizes"), ("prompt-seq", "prefill seq_len"),
-                       ("decode-bs", "decode batch sizes"), ("decode-block", "decode num_blocks")):
-        env = name.upper().replace("-", "_")
-        c.add_argument(f"--{name}-bucket", type=_bucket_triple, default=None, metavar="MIN,STEP,MAX",
-                       help=f"{what} buckets: powers of two from MIN up to STEP, then multiples of STEP up to "
-                            f"MAX (also KILN_{env}_BUCKET_MIN/STEP/MAX; default derived from the limits above)")
-    c.add_argument("--skip-warmup", dest="warmup", action="store_false", default=None,
-                   help="do not build graphs up front; compile each bucket when first needed (also KILN_SKIP_WARMUP=1)")
-    c.add_argument("--allow-lazy-compile", action="store_true",
-                   help="after warmup, compile a missing bucket (counted in metrics) instead of failing")
-    c.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
-                   help="do not read or write compiled graphs under $KILN_CACHE_DIR/graphs")
-    c.add_argument("--memory-utilization", type=float, default=0.9,
-                   help="share of free memory for graphs + KV cache (default: 0.9)")
-    c.add_argument("--graph-reserved-fraction", type=float, default=0.1,
-                   help="share of usable memory kept for graphs when the KV size is automatic (default: 0.1)")
-    c.add_argument("--graph-prompt-ratio", type=float, default=0.3,
-                   help="share of the graph budget for prefill graphs (default: 0.3)")
-    c.add_argument("--prefill-strategy", default="min_tokens", choices=("min_tokens", "max_bs"),
-                   help="warmup order of prefill buckets (default: min_tokens)")
-    c.add_argument("--decode-strategy", default="max_bs", choices=("max_bs", "min_tokens"),
-                   help="warmup order of decode buckets (default: max_bs)")
-    c.add_argument("--compile-workers", type=int, default=2, help="graphs compiled at once (default: 2)")
-
-
-def _bucket_triple(text: str) -> tuple[int, int, int]:
-    try:
-        lo, step, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,STEP,MAX (three integers), got {text!r}") from None
-    return lo, step, hi
-
-
-def engine_kwargs(a: argparse.Namespace) -> dict:
-    buckets = {k: v for k, v in (("prompt_bs", a.prompt_bs_bucket), ("prompt_seq", a.prompt_seq_bucket),
-                                 ("decode_bs", a.decode_bs_bucket), ("decode_blocks", a.decode_block_bucket)) if v}
-    return dict(model=a.model, backend=a.backend, dtype=a.dtype, quantization=a.quantization,
-                kv_cache_dtype=a.kv_cache_dtype,
-                max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-                kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
-                buckets=buckets, warmup=a.warmup, allow_lazy_compile=a.allow_lazy_compile,
-                graph_cache=a.graph_cache, memory_utilization=a.memory_utilization,
-                graph_reserved_fraction=a.graph_reserved_fraction, graph_prompt_ratio=a.graph_prompt_ratio,
-                prefill_strategy=a.prefill_strategy, decode_strategy=a.decode_strategy,
-                compile_workers=a.compile_workers)
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
-def sampling_params(a: argparse.Namespace):
-    from kiln import SamplingParams
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.sample_seed, stop=a.stop)
+_engine_args = add_engine_args          # the names scripts/bench_batch.py imports
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -149,6 +58,23 @@ def cmd_warmup(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from kiln.entrypoints.serve import serve
+    return asyncio.run(serve(options_from_args(a), engine_kwargs(a)))
+
+
+def cmd_client(a: argparse.Namespace) -> int:
+    from kiln.entrypoints.client import cmd_client as run
+    return run(a)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from kiln.entrypoints import batch
+    return batch.main(a, engine_kwargs(a), sampling_params(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: LLM inference from ahead-of-time compiled graphs")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
@@ -157,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a reply to one prompt and print it.")
     g.add_argument("prompt", nargs="+", help="the prompt text")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
-    _engine_args(g)
-    _sampling_args(g)
+    add_engine_args(g)
+    add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("warmup", help="precompile the graphs of a model and bucket plan into the graph cache",
@@ -167,51 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LLM(...) with the same settings start without compiling.")
     w.add_argument("--check", action="store_true",
                    help="only report which graphs a server with these settings would still have to compile")
-    _engine_args(w)
+    add_engine_args(w)
     w.set_defaults(func=cmd_warmup)
 
-    from kiln.entrypoints import client, serve
     s = sub.add_parser("serve", help="serve the model over gRPC (kiln.v1.Inference) and/or OpenAI-compatible HTTP",
                        description="Serve the model over gRPC, with health checking, reflection and metrics; with "
                                    "--http-port, also (or with --no-grpc, only) the OpenAI-compatible HTTP API, in "
-                                   "the same process over the same engine.")
-    _engine_args(s)
-    serve.add_serve_args(s)
-    s.set_defaults(func=serve.cmd_serve)
+                                   "the same process over the same engine. Exits 0 after a SIGTERM drain, 1 if "
+                                   "the engine stops.")
+    add_engine_args(s)
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
     c = sub.add_parser("client", help="send one prompt to a running `kiln serve` and stream the reply",
                        description="Stream a reply from a running `kiln serve`.")
-    client.add_client_args(c)
-    c.set_defaults(func=client.cmd_client)
-    _add_batch_parser(sub)
-    return p
+    add_client_args(c)
+    c.set_defaults(func=cmd_client)
 
-
-def _add_batch_parser(sub) -> None:
     b = sub.add_parser("batch", help="run a file of OpenAI batch requests (or plain prompts) offline",
                        description="Answer every line of an OpenAI batch JSONL file (/v1/chat/completions and "
                                    "/v1/completions lines) or of a plain file of prompts, through one engine. "
                                    "Results are written to OUTPUT.partial as they finish (completion order; "
                                    "custom_id is the key) and renamed to OUTPUT at the end. Exit 0 if every line "
                                    "succeeded, 1 if any failed, 2 on usage errors.")
-    b.add_argument("-i", "--input", required=True, help="input file, or - for stdin")
-    b.add_argument("-o", "--output", required=True, help="output JSONL file (OpenAI batch output format)")
-    b.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto",
-                   help="jsonl: OpenAI batch lines; text: one prompt per line (custom_id line-N); auto: jsonl "
-                        "if the first non-blank line starts with '{' (default: auto)")
-    b.add_argument("--resume", action="store_true",
-                   help="continue OUTPUT.partial (or OUTPUT) left by an earlier run: answered lines are skipped")
-    b.add_argument("--overwrite", action="store_true", help="start over even if OUTPUT or OUTPUT.partial exists")
-    b.add_argument("--max-in-flight", type=int, default=None,
-                   help="requests handed to the engine at once (default: 2 x --max-num-seqs)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
-    _engine_args(b)
-    _sampling_args(b)   # used by --format text lines; JSONL lines carry their own in their body
+    add_batch_args(b)
     b.set_defaults(func=cmd_batch)
-
-
-def cmd_batch(a: argparse.Namespace) -> int:
-    from kiln.entrypoints import batch
-    return batch.main(a, engine_kwargs(a), sampling_params(a))
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,17 +99,6 @@ class KilnClient:
         self.close()
 
 
-def add_client_args(p) -> None:
-    p.add_argument("prompt", nargs="+", help="the prompt text")
-    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of `kiln serve` (default: %(default)s)")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
-    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-
-
 def cmd_client(a) -> int:
     prompt = " ".join(a.prompt)
     msg = [{"role": "user", "content": prompt}] if a.chat else prompt

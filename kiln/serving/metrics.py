@@ -1,8 +1,8 @@
-"""Prometheus metrics of one gRPC server, in a registry of its own (so one process can run several servers).
+"""Prometheus metrics of one serving process, in a registry of its own (so one process can run several servers).
 
-Counters and histograms are updated by the servicer as requests flow; the engine gauges (queue, running,
-KV blocks, prefix hit rate, padding waste, compiles) are read from `AsyncEngine.stats()` at scrape time by a
-custom collector, so they are never stale and cost nothing between scrapes.
+Counters and histograms are updated by the serving core and the transports as requests flow; the engine
+gauges (queue, running, KV blocks, prefix hit rate, padding waste, compiles) are read from `AsyncEngine.stats()`
+at scrape time by a custom collector, so they are never stale and cost nothing between scrapes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,147 @@
+"""The OpenAI protocol, with no I/O: request bodies -> (prompts, SamplingParams), outputs -> response bodies and
+stream chunks, kiln's errors -> HTTP status and OpenAI's error body `{"error": {message, type, param, code}}`.
+
+A completions `prompt` may be a list of prompts: each is its own engine request, and choice `index` is
+prompt_index * n + sample_index, as in vLLM and the OpenAI API. Parameters are parsed by batch_format's
+parsers, so a batch line and an HTTP body mean the same thing.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+from kiln.entrypoints import batch_format as F
+from kiln.serving import errors as E
+from kiln.serving.deltas import DeltaTracker
+from kiln.serving.usage import Usage
+
+# kiln error -> (HTTP status, OpenAI error type, OpenAI error code)
+STATUS: dict[type, tuple[int, str, str | None]] = {
+    E.InvalidRequest: (400, "invalid_request_error", None),
+    E.Unauthenticated: (401, "invalid_request_error", "invalid_api_key"),
+    E.NotFound: (404, "invalid_request_error", "model_not_found"),
+    E.Conflict: (409, "invalid_request_error", None),
+    E.Overloaded: (429, "rate_limit_error", None),
+    E.Unavailable: (503, "server_error", None),
+    E.Internal: (500, "server_error", None),
+}
+
+
+def http_status(error: E.ServingError) -> int:
+    return STATUS.get(type(error), (500,))[0]
+
+
+def error_body(error: E.ServingError) -> dict:
+    status, kind, code = STATUS.get(type(error), (500, "server_error", None))
+    return {"error": {"message": error.message, "type": kind, "param": getattr(error, "field", None), "code": code}}
+
+
+def plain_error_body(status: int, message: str) -> dict:
+    """An error of the HTTP layer itself (unknown path, wrong method)."""
+    return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": None, "code": None}}
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """A completions `prompt`: a string, token ids, or a list of either (one engine request each)."""
+    p = body.get("prompt")
+
+    def ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    if isinstance(p, str) or ids(p):
+        return [p]
+    if isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(ids(x) for x in p)):
+        return list(p)
+    raise E.InvalidRequest("prompt must be a string, a list of token ids, or a non-empty list of strings or of "
+                           f"token id lists; got {json.dumps(p)[:80]}", "prompt")
+
+
+def _bad(message: str, chat: bool) -> E.InvalidRequest:
+    field = E.field_of(message, chat)
+    if chat and field == "logprobs" and "must be in" in message:
+        field = "top_logprobs"          # chat asks for top-k alternatives by top_logprobs
+    return E.InvalidRequest(message, field)
+
+
+def chat_field(error: E.ServingError, chat: bool) -> E.ServingError:
+    """The core names SamplingParams fields; for chat, `logprobs must be in` is about `top_logprobs`."""
+    if isinstance(error, E.InvalidRequest) and chat and error.field == "logprobs":
+        return _bad(error.message, chat)
+    return error
+
+
+def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
+    """(prompts, SamplingParams) of a request body; raises InvalidRequest naming the field."""
+    if body.get("echo"):
+        raise E.InvalidRequest("echo is not supported", "echo")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise E.InvalidRequest(f"stream_options must be an object, got {opts!r}", "stream_options")
+    if not isinstance(body.get("stream", False), bool):
+        raise E.InvalidRequest(f"stream must be true or false, got {body['stream']!r}", "stream")
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}   # batch jobs refuse stream
+    try:
+        if chat:
+            return [F.chat_messages(plain)], F.chat_params(plain)
+        return completion_prompts(plain), F.completion_params(plain)
+    except F.LineError as e:
+        raise _bad(e.message, chat) from None
+    except ValueError as e:          # SamplingParams' own validation: the message names the field
+        raise _bad(str(e), chat) from None
+
+
+# -- responses --------------------------------------------------------------------------------------
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n\n"
+
+
+class Chunks:
+    """Cumulative RequestOutputs -> OpenAI stream chunks (what is new for each choice since the last chunk)."""
+
+    def __init__(self, chat: bool, params: SamplingParams, head: dict, decode: Callable[[int], str]):
+        self.chat, self.params, self.head, self.decode = chat, params, head, decode
+        self.tracker = DeltaTracker()
+
+    def __call__(self, i: int, out: RequestOutput) -> list[dict]:
+        chunks, k = [], self.params.logprobs
+        for c in out.outputs:
+            idx = i * self.params.n + c.index
+            d = self.tracker.delta(idx, c)
+            if d.empty and not (d.first and self.chat):
+                continue
+            lp = None
+            if k is not None and d.logprobs is not None and d.token_ids:
+                lp = F.chat_logprobs(d.token_ids, d.logprobs, k, self.decode) if self.chat else \
+                    F.completion_logprobs(d.token_ids, d.logprobs, k, self.decode, offset=d.text_offset)
+            choice: dict[str, Any] = {"index": idx}
+            if self.chat:
+                choice["delta"] = ({"role": "assistant", "content": d.text} if d.first else {"content": d.text})
+            else:
+                choice["text"] = d.text
+            choice.update(logprobs=lp, finish_reason=c.finish_reason if d.finishing else None,
+                          stop_reason=c.stop_reason if d.finishing else None)
+            chunks.append(dict(self.head, choices=[choice]))
+        return chunks
+
+    def usage_chunk(self, finals: dict[int, RequestOutput]) -> dict:
+        return dict(self.head, choices=[], usage=Usage.of(finals.values()).openai())
+
+
+def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int, RequestOutput], *, head: dict,
+             decode: Callable[[int], str]) -> dict:
+    """The chat.completion / text_completion body of a finished request (every prompt, every sample)."""
+    url = F.CHAT_URL if chat else F.COMPLETIONS_URL
+    choices = []
+    for i in sorted(finals):
+        req = F.BatchRequest(0, "", url, prompts[i], params)
+        one = F.response_body(req, finals[i], model=head["model"], body_id=head["id"], created=head["created"],
+                              decode=decode)
+        for c in one["choices"]:
+            c["index"] = i * params.n + c["index"]
+            choices.append(c)
+    return {"id": head["id"], "object": "chat.completion" if chat else "text_completion",
+            "created": head["created"], "model": head["model"], "choices": choices,
+            "usage": Usage.of(finals.values()).openai()}
