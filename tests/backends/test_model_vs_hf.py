@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from kiln import LLM, SamplingParams  # noqa: E402
 from kiln.backends.jax import model as M  # noqa: E402
 from kiln.backends.jax.runner import JaxRunner  # noqa: E402
-from kiln.config import EngineConfig  # noqa: E402
+from kiln.engine.build import build_config  # noqa: E402
 from kiln.models.loader import load_model  # noqa: E402
 from tests.tiny import VARIANTS, load_hf, save_tiny_model  # noqa: E402
 
@@ -55,9 +55,9 @@ class KilnForward:
     def __init__(self, spec, params, num_blocks: int = 24):
         self.spec, self.params = spec, params
         # the cache exactly as the runner lays it out
-        config = EngineConfig.create(spec, dtype="float32", block_size=BLOCK, num_blocks=num_blocks,
-                                     max_model_len=128, warmup=False)
-        self.shape = JaxRunner(spec, params, config).k_cache.shape
+        config = build_config(spec, backend="jax", platform="cpu", dtype="float32", block_size=BLOCK,
+                              num_blocks=num_blocks, max_model_len=128, warmup=False)
+        self.shape = JaxRunner.from_params(spec=spec, config=config, params=params).k_cache.shape
         # a scrambled block table (block 0 is the null block), so positions are not block-contiguous
         self.table = np.random.default_rng(1).permutation(np.arange(1, num_blocks)).astype(np.int32)
 
@@ -202,14 +202,12 @@ def test_default_greedy_matches_transformers(default_gguf, default_hf):
 
 def test_sliding_window_is_respected_by_limiting_the_context(tmp_path):
     """kiln has no sliding-window attention: it caps max_model_len at the window (exact there) and refuses more."""
-    from kiln.config import EngineConfig
-
     folder = save_tiny_model(tmp_path, "mistral", sliding_window=8)
     loaded = load_model(str(folder), tmp_path)
     assert loaded.spec.sliding_window == 8
-    assert EngineConfig.create(loaded.spec, num_blocks=8, block_size=4).scheduler.max_model_len == 8
+    assert build_config(loaded.spec, platform="cpu", num_blocks=8, block_size=4).scheduler.max_model_len == 8
     with pytest.raises(ValueError, match="sliding_window=8"):
-        EngineConfig.create(loaded.spec, max_model_len=64, num_blocks=32, block_size=4)
+        build_config(loaded.spec, platform="cpu", max_model_len=64, num_blocks=32, block_size=4)
 
 
 

@@ -221,9 +221,9 @@ def test_add_rms_norm_kernel_matches_torch():
 
 
 def test_backend_dtype_and_kv_cache_dtype_resolution(tiny):
-    from kiln.config import EngineConfig
+    from kiln.engine.build import build_config
     spec = tiny[3].spec
-    make = lambda **kw: EngineConfig.create(spec, max_model_len=64, num_blocks=8, **kw)
+    make = lambda **kw: build_config(spec, platform="cpu", max_model_len=64, num_blocks=8, **kw)
     torch_cfg = make(backend="torch")
     assert (torch_cfg.backend, torch_cfg.dtype, torch_cfg.kv_dtype) == ("torch", "bfloat16", "bfloat16")
     assert make(backend="torch", kv_cache_dtype="float32").kv_dtype == "float32"
