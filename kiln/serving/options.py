@@ -29,6 +29,7 @@ class ServeOptions:
     api_key: str | None = None
     tls_cert: str | None = None           # PEM files; both or neither
     tls_key: str | None = None
+    tls_client_ca: str | None = None      # PEM CA bundle: require and verify client certificates (mTLS)
     metrics_port: int | None = None       # serve Prometheus /metrics there (0: any free port)
     max_message_bytes: int = 16 * 2**20
     served_model_name: str | None = None
@@ -39,6 +40,9 @@ class ServeOptions:
             raise ValueError("--no-grpc needs --http-port: there would be nothing to serve")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked "
+                             "in the TLS handshake")
         self.serving()   # validates the core's fields
 
     def serving(self) -> ServingOptions:
