@@ -35,6 +35,7 @@ from tests.serving.engines import mock_async_engine
 
 CLIENTS, MAX_NUM_SEQS, MAX_QUEUED = 200, 16, 32
 MAX_TOKENS, STEP_SECONDS, SLOW_SECONDS = 24, 0.005, 0.5
+ARRIVALS = 1.0                                     # seconds over which the clients arrive
 CANCEL_AFTER = 3                                   # chunks a cancelling client reads before it closes
 
 
@@ -59,21 +60,24 @@ def hand_text(engine, text: str, n: int) -> str:
     return engine.tokenizer.decode(out)
 
 
-def roles(seed: int) -> list[str]:
-    """A seeded random half cancel; every fourth of the rest is a slow consumer."""
+def roles(seed: int) -> tuple[list[str], list[float]]:
+    """A seeded random half cancel; every fourth of the rest is a slow consumer. Arrivals are spread over
+    ARRIVALS seconds, so that slots freed by finished and cancelled streams admit later arrivals."""
     rng = random.Random(seed)
     cancel = set(rng.sample(range(CLIENTS), CLIENTS // 2))
     keep = [i for i in range(CLIENTS) if i not in cancel]
     slow = set(keep[::4])
-    return ["cancel" if i in cancel else "slow" if i in slow else "read" for i in range(CLIENTS)]
+    who = ["cancel" if i in cancel else "slow" if i in slow else "read" for i in range(CLIENTS)]
+    return who, [rng.uniform(0, ARRIVALS) for _ in range(CLIENTS)]
 
 
-def http_client(port: int, i: int, role: str, go: threading.Barrier) -> tuple:
+def http_client(port: int, i: int, role: str, delay: float, go: threading.Barrier) -> tuple:
     body = json.dumps({"prompt": prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
                        "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         go.wait()
+        time.sleep(delay)
         t0 = time.monotonic()
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = conn.getresponse()
@@ -101,12 +105,13 @@ def http_client(port: int, i: int, role: str, go: threading.Barrier) -> tuple:
         conn.close()                # for a cancelling client: gone mid-stream
 
 
-def grpc_client(channels: list[grpc.Channel], i: int, role: str, go: threading.Barrier) -> tuple:
+def grpc_client(channels: list[grpc.Channel], i: int, role: str, delay: float, go: threading.Barrier) -> tuple:
     c = KilnClient.__new__(KilnClient)          # share a few channels instead of 200 connections
     c.channel = channels[i % len(channels)]
     from kiln.proto import inference_pb2_grpc as pb_grpc
     c.stub, c.metadata = pb_grpc.InferenceStub(c.channel), ()
     go.wait()
+    time.sleep(delay)
     t0 = time.monotonic()
     call = c.generate(prompt(i), temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, timeout=60)
     text, chunks, finish = "", 0, None
@@ -162,10 +167,10 @@ def check_storm(engine, s: Servers, results: list[tuple], who: list[str], scrape
 def test_http_storm(engine):
     s = Servers(engine, grpc=False, http=True, max_queued=MAX_QUEUED)
     engine.engine.runner.step_seconds = STEP_SECONDS
-    who, go = roles(1), threading.Barrier(CLIENTS, timeout=60)
+    (who, delays), go = roles(1), threading.Barrier(CLIENTS, timeout=60)
     try:
         with ThreadPoolExecutor(CLIENTS) as ex:
-            results = list(ex.map(lambda i: http_client(s.http_port, i, who[i], go), range(CLIENTS)))
+            results = list(ex.map(lambda i: http_client(s.http_port, i, who[i], delays[i], go), range(CLIENTS)))
         check_storm(engine, s, results, who, lambda: s.get("/metrics")[1])
     finally:
         engine.engine.runner.step_seconds = 0.0
@@ -175,11 +180,11 @@ def test_http_storm(engine):
 def test_grpc_storm(engine):
     s = Servers(engine, metrics_port=0, max_queued=MAX_QUEUED)
     engine.engine.runner.step_seconds = STEP_SECONDS
-    who, go = roles(2), threading.Barrier(CLIENTS, timeout=60)
+    (who, delays), go = roles(2), threading.Barrier(CLIENTS, timeout=60)
     channels = [grpc.insecure_channel(s.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
     try:
         with ThreadPoolExecutor(CLIENTS) as ex:
-            results = list(ex.map(lambda i: grpc_client(channels, i, who[i], go), range(CLIENTS)))
+            results = list(ex.map(lambda i: grpc_client(channels, i, who[i], delays[i], go), range(CLIENTS)))
         check_storm(engine, s, results, who, s.scrape)
     finally:
         for ch in channels:
