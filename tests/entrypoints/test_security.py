@@ -225,12 +225,17 @@ def _leaks(caplog, capfd, secrets: list[str]) -> list[str]:
 def test_keys_and_prompts_never_reach_the_logs(tmp_path, caplog, capfd):
     """`kiln serve --api-key` and `--api-key-file` (INFO logging, as the CLI sets it): a session of requests with a
     distinctive prompt and right, wrong and missing keys leaves neither the keys nor the prompt in any log record
-    at INFO or above, nor on stdout/stderr; the logs are not empty (so the capture works)."""
+    at INFO or above, nor on stdout/stderr; the logs are not empty (so the capture works). The options' repr
+    leaves the key out, should they ever be logged."""
+    from kiln.entrypoints.args import options_from_args
+    from kiln.entrypoints.cli import build_parser
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.INFO, logger="kiln")
     key_file = tmp_path / "key"
     key_file.write_text(FILE_KEY + "\n")
     for argv, key in ((["--api-key", KEY], KEY), (["--api-key-file", str(key_file)], FILE_KEY)):
+        opts = options_from_args(build_parser().parse_args(["serve", *argv]))
+        assert opts.api_key == key and key not in repr(opts) and key not in repr(opts.serving())
         caplog.clear()
         target, base, stop = _serve_in_process(argv, caplog)
         try:
