@@ -12,7 +12,9 @@ a few chunks; some of the others are slow consumers (read one chunk, stop readin
 
 A last test stalls a consumer for good while a long answer is produced: the engine finishes the request at its
 own pace and its admission slot and blocks are freed without waiting for the consumer, which then gets the whole
-text (the serving core keeps only the newest cumulative output for a consumer that fell behind).
+text (the serving core keeps only the newest cumulative output for a consumer that fell behind). And a storm with
+poisoned rows (steps that hold them raise) fails exactly those requests mid-stream, on both transports, while
+every other stream completes and the server serves on.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from tests.serving.engines import mock_async_engine
 CLIENTS, MAX_NUM_SEQS, MAX_QUEUED = 200, 16, 32
 MAX_TOKENS, STEP_SECONDS, SLOW_SECONDS = 24, 0.005, 0.5
 ARRIVALS = 1.0                                     # seconds over which the clients arrive
+POISON = 4242                                      # the seed of requests whose rows make a step raise
 CANCEL_AFTER = 3                                   # chunks a cancelling client reads before it closes
 
 
@@ -71,9 +74,9 @@ def roles(seed: int) -> tuple[list[str], list[float]]:
     return who, [rng.uniform(0, ARRIVALS) for _ in range(CLIENTS)]
 
 
-def http_client(port: int, i: int, role: str, delay: float, go: threading.Barrier) -> tuple:
+def http_client(port: int, i: int, role: str, delay: float, go: threading.Barrier, seed: int | None = None) -> tuple:
     body = json.dumps({"prompt": prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-                       "stream": True})
+                       "stream": True, "seed": seed})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         go.wait()
@@ -105,7 +108,8 @@ def http_client(port: int, i: int, role: str, delay: float, go: threading.Barrie
         conn.close()                # for a cancelling client: gone mid-stream
 
 
-def grpc_client(channels: list[grpc.Channel], i: int, role: str, delay: float, go: threading.Barrier) -> tuple:
+def grpc_client(channels: list[grpc.Channel], i: int, role: str, delay: float, go: threading.Barrier,
+                seed: int | None = None) -> tuple:
     c = KilnClient.__new__(KilnClient)          # share a few channels instead of 200 connections
     c.channel = channels[i % len(channels)]
     from kiln.proto import inference_pb2_grpc as pb_grpc
@@ -113,7 +117,7 @@ def grpc_client(channels: list[grpc.Channel], i: int, role: str, delay: float, g
     go.wait()
     time.sleep(delay)
     t0 = time.monotonic()
-    call = c.generate(prompt(i), temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, timeout=60)
+    call = c.generate(prompt(i), temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=seed, timeout=60)
     text, chunks, finish = "", 0, None
     try:
         for d in call:
@@ -234,3 +238,43 @@ def test_a_stalled_consumer_holds_no_engine_resources(engine):
     assert "".join(m.text for m in msgs) == hand_text(engine, prompt(0), n)
     assert sum(len(m.token_ids) for m in msgs) == sum(len(m.logprobs) for m in msgs) == n
     assert msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == n
+
+
+def test_poisoned_rows_mid_storm_fail_only_their_requests(engine):
+    """48 streams at once, half HTTP, half gRPC (all admitted: 16 running + 32 queued); four of them (seed POISON)
+    make every step that holds them raise once they are three tokens in. The engine isolates those rows, so
+    exactly those four fail mid-stream, with INTERNAL / an SSE error event naming the failure; every other stream
+    completes with the hand-computed text; the server serves on, with every block, slot and in-flight entry free
+    and health still SERVING."""
+    s = Servers(engine, http=True, max_queued=MAX_QUEUED)
+    runner, poison, n = engine.engine.runner, {5, 6, 17, 30}, MAX_NUM_SEQS + MAX_QUEUED
+
+    def fault(step):
+        if any(r.sampling_params.seed == POISON and r.output_index >= 3 for r in step.rows):
+            raise RuntimeError("injected: a poisoned row")
+    go = threading.Barrier(n, timeout=60)
+    channels = [grpc.insecure_channel(s.target) for _ in range(4)]
+    runner.step_seconds, runner.fault = STEP_SECONDS, fault
+    try:
+        with ThreadPoolExecutor(n) as ex:
+            results = list(ex.map(lambda i: (http_client if i % 2 else grpc_client)(
+                s.http_port if i % 2 else channels, i, "read", 0.0, go, POISON if i in poison else None), range(n)))
+        assert {i for i, r in enumerate(results) if r[0] == "error"} == poison, results
+        for i, r in enumerate(results):
+            if i in poison:
+                assert r[1] in (0, "INTERNAL") and "the engine failed this request" in r[2] and "injected" in r[2]
+            else:
+                assert r[:3] == ("done", "length", hand_text(engine, prompt(i), MAX_TOKENS)), (i, r)
+        with KilnClient(s.target) as c:
+            assert c.generate_unary(prompt(0), max_tokens=4, temperature=0.0, ignore_eos=True).completions[0].text == \
+                hand_text(engine, prompt(0), 4)
+        assert wait_idle(engine)["blocks_used"] == 0 and s.get("/health")[0] == 200
+        deadline = time.monotonic() + 10
+        while (len(s.core.inflight) or s.core.admission.used) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(s.core.inflight) == 0 and s.core.admission.used == 0
+    finally:
+        runner.step_seconds, runner.fault = 0.0, None
+        for ch in channels:
+            ch.close()
+        s.close()
