@@ -129,6 +129,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key-file", default=None, help="read the API key from this file")
     g.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA certificate(s): clients (gRPC and HTTP) must present a certificate signed by one "
+                        "of them (mutual TLS; needs --tls-cert/--tls-key); others fail the handshake")
     g.add_argument("--max-message-mb", type=float, default=16.0, help="largest request/response (default: 16)")
     g.add_argument("--max-chat-messages", type=int, default=PromptLimits.max_messages,
                    help="chat messages per request at most (default: %(default)s)")
@@ -143,7 +146,8 @@ def options_from_args(a) -> ServeOptions:
         if not key:
             raise ValueError(f"--api-key-file {a.api_key_file} is empty")
     return ServeOptions(host=a.host, max_queued=a.max_queued, drain_seconds=a.drain_seconds,
-                        api_key=key or None, tls_cert=a.tls_cert, tls_key=a.tls_key, metrics_port=a.metrics_port,
+                        api_key=key or None, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                        tls_client_ca=a.tls_client_ca, metrics_port=a.metrics_port,
                         max_message_bytes=int(a.max_message_mb * 2**20),
                         port=None if a.no_grpc else a.port, http_port=a.http_port,
                         served_model_name=a.served_model_name,
@@ -174,5 +178,8 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
-    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate of the server: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate chain to present (mutual TLS; "
+                                                    "with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")

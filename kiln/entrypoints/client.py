@@ -43,13 +43,21 @@ def generate_request(prompt: str | list[int] | list[dict[str, str]], request_id:
 
 
 class KilnClient:
-    """Blocking client. `target` is host:port; TLS when `tls_ca` (a PEM file of the CA) is given."""
+    """Blocking client. `target` is host:port; TLS when `tls_ca` (a PEM file of the server's CA) is given, and
+    with `tls_cert`/`tls_key` (PEM files) it presents that client certificate (for `--tls-client-ca` servers)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, tls_ca: str | None = None,
-                 options: list[tuple[str, Any]] | None = None):
+                 options: list[tuple[str, Any]] | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         opts = options or []
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if tls_cert and not tls_ca:
+            raise ValueError("a client certificate (--tls-cert) needs --tls-ca: it is sent over TLS only")
         if tls_ca:
-            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            creds = grpc.ssl_channel_credentials(
+                Path(tls_ca).read_bytes(), private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
             self.channel = grpc.secure_channel(target, creds, options=opts)
         else:
             self.channel = grpc.insecure_channel(target, options=opts)
@@ -102,7 +110,7 @@ class KilnClient:
 def cmd_client(a) -> int:
     prompt = " ".join(a.prompt)
     msg = [{"role": "user", "content": prompt}] if a.chat else prompt
-    with KilnClient(a.target, api_key=a.api_key, tls_ca=a.tls_ca) as c:
+    with KilnClient(a.target, api_key=a.api_key, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key) as c:
         try:
             for d in c.generate(msg, max_tokens=a.max_tokens, temperature=a.temperature, timeout=a.timeout):
                 sys.stdout.write(d.text)

@@ -1,6 +1,7 @@
 """The gRPC transport: kiln.v1.Inference, grpc.health.v1 and reflection over one ServingCore.
 
-    start(): bind (127.0.0.1 unless --host; TLS if --tls-cert/--tls-key), health NOT_SERVING, reflection on
+    start(): bind (127.0.0.1 unless --host; TLS if --tls-cert/--tls-key, client certificates required and verified
+            with --tls-client-ca), health NOT_SERVING, reflection on
     every kiln.v1 call: API key from metadata (UNAUTHENTICATED) ─> decodable message (INVALID_ARGUMENT)
         ─> grpc_proto parses it ─> core.submit: validation, admission (see kiln/serving/core.py)
         ─> outputs streamed as per-sample deltas (Generate) or one reply (GenerateUnary)
@@ -138,6 +139,16 @@ class InferenceServicer:
         })
 
 
+def server_credentials(opts: ServeOptions) -> grpc.ServerCredentials:
+    """TLS with --tls-cert/--tls-key; with --tls-client-ca also mutual TLS: a client without a certificate signed
+    by that CA fails the handshake (the client sees UNAVAILABLE), before any RPC or API key is looked at."""
+    pair = [(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())]
+    if opts.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, root_certificates=Path(opts.tls_client_ca).read_bytes(),
+                                       require_client_auth=True)
+
+
 class GrpcServer:
     """One gRPC server (Inference + Health + reflection) over a ServingCore, inside the running asyncio loop."""
 
@@ -163,8 +174,7 @@ class GrpcServer:
         await self._set_health(self.core.health.serving)
         addr = f"{opts.host}:{opts.port}"
         if opts.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(addr, creds)
+            self.port = self.server.add_secure_port(addr, server_credentials(opts))
         else:
             self.port = self.server.add_insecure_port(addr)
         if not self.port:

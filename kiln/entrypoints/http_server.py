@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 
@@ -95,7 +96,9 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, host=host, port=self.port, log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5, timeout_keep_alive=5,
-                                ssl_certfile=self.opts.tls_cert, ssl_keyfile=self.opts.tls_key)
+                                ssl_certfile=self.opts.tls_cert, ssl_keyfile=self.opts.tls_key,
+                                ssl_ca_certs=self.opts.tls_client_ca,
+                                ssl_cert_reqs=ssl.CERT_REQUIRED if self.opts.tls_client_ca else ssl.CERT_NONE)
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="kiln-http")
         while not self._server.started:

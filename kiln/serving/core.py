@@ -7,8 +7,10 @@
         encode + validate every prompt           InvalidRequest naming the field
         request id free? (client-chosen)         Conflict
         slots = prompts x n free?                Overloaded          (admission.py)
-    async for i, out in req.outputs():           cumulative RequestOutputs by prompt index; Internal if the
-                                                 engine fails it; closing the iteration aborts the engine requests
+    async for i, out in req.outputs():           cumulative RequestOutputs by prompt index (the newest only, for
+                                                 a consumer that fell behind: latest.py); Internal if the engine
+                                                 fails it; closing the iteration aborts the engine requests;
+                                                 slots are released once the engine has finished every prompt
     req.close()                                  idempotent (outputs() ends with it): slots released, in-flight
                                                  entry removed; call it if outputs() may never be iterated
     transport: deltas (deltas.py), usage (usage.py), errors -> its codes
@@ -32,6 +34,7 @@ from kiln.serving.admission import Admission, Slots
 from kiln.serving.auth import ApiKey
 from kiln.serving.errors import Conflict, Internal, Unavailable, invalid
 from kiln.serving.health import Health, State
+from kiln.serving.latest import Latest
 from kiln.serving.metrics import RequestObserver, ServerMetrics
 from kiln.serving.options import ServingOptions
 from kiln.serving.registry import InFlight
@@ -76,40 +79,34 @@ class Request:
             raise Internal(f"the engine failed this request: {type(e).__name__}: {e}", self.request_id) from None
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as steps produce them; ends when every prompt has finished."""
-        try:
-            if len(self.ids) == 1:
-                async with contextlib.aclosing(self._one(0)) as s:
-                    async for out in s:
-                        yield 0, out
-                return
-            q: asyncio.Queue = asyncio.Queue()
+        """(prompt index, cumulative output) as steps produce them; ends when every prompt has finished.
 
-            async def pump(i: int) -> None:
-                try:
-                    async with contextlib.aclosing(self._one(i)) as s:
-                        async for out in s:
-                            q.put_nowait((i, out))
-                except Exception as e:   # noqa: BLE001 - handed to the consumer
-                    q.put_nowait((i, e))
-                finally:
-                    q.put_nowait((i, None))
-            tasks = [asyncio.create_task(pump(i)) for i in range(len(self.ids))]
+        One pump task per prompt drains its engine stream at the engine's pace into a `Latest` box, so a
+        consumer that falls behind (a client that stops reading) skips to the newest output instead of the
+        engine queueing one copy of every output for it; and the request's admission slots are released as
+        soon as the engine has finished every prompt, not when the slowest client has read the last byte."""
+        box = Latest(len(self.ids))
+
+        async def pump(i: int) -> None:
             try:
-                left = len(tasks)
-                while left:
-                    i, item = await q.get()
-                    if item is None:
-                        left -= 1
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        yield i, item
+                async with contextlib.aclosing(self._one(i)) as s:
+                    async for out in s:
+                        box.put(i, out)
+            except Exception as e:   # noqa: BLE001 - handed to the consumer
+                box.fail(e)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                box.done()
+                if box.open == 0:
+                    self._slots.release()     # no sequence of this request is in the engine any more
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.ids))]
+        try:
+            while (items := await box.take()) is not None:
+                for i, out in items.items():
+                    yield i, out
         finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
 
     async def finals(self) -> dict[int, RequestOutput]:

@@ -10,7 +10,7 @@ from kiln.serving.prompts import PromptLimits
 @dataclasses.dataclass(frozen=True)
 class ServingOptions:
     max_queued: int | None = 64           # sequences admitted beyond the running batch (None: no limit)
-    api_key: str | None = None            # require `authorization: Bearer <key>`
+    api_key: str | None = dataclasses.field(default=None, repr=False)   # require `authorization: Bearer <key>`
     served_model_name: str | None = None  # the name reported and expected (default: the --model value)
     limits: PromptLimits = PromptLimits()
 
@@ -26,9 +26,10 @@ class ServeOptions:
     http_port: int | None = None          # the OpenAI-compatible HTTP API (0: any free port; None: none)
     max_queued: int = 64
     drain_seconds: float = 30.0           # SIGTERM: how long in-flight requests may take to finish
-    api_key: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)   # never in a repr, so never in a log
     tls_cert: str | None = None           # PEM files; both or neither
     tls_key: str | None = None
+    tls_client_ca: str | None = None      # PEM CA bundle: require and verify client certificates (mTLS)
     metrics_port: int | None = None       # serve Prometheus /metrics there (0: any free port)
     max_message_bytes: int = 16 * 2**20
     served_model_name: str | None = None
@@ -39,6 +40,9 @@ class ServeOptions:
             raise ValueError("--no-grpc needs --http-port: there would be nothing to serve")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked "
+                             "in the TLS handshake")
         self.serving()   # validates the core's fields
 
     def serving(self) -> ServingOptions:
