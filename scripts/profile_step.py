@@ -55,14 +55,14 @@ def main() -> None:
     nbt = key.size
     tables = jnp.asarray(np.array([r.block_table + [0] * (nbt - nb) for r in rows], np.int32))
     x = jnp.ones((B, 1, D), p["embed"].dtype)
-    lw = {k: v[0] for k, v in p.items() if k not in ("embed", "norm", "lm_head")}
+    lw = {k: v[0] for k, v in p.items() if k not in ("embed", "final_norm", "head")}
 
     def matmuls(x):
         for _ in range(L):
-            qkv = x @ lw["wqkv"]
-            o = qkv[..., :H * Dh] @ lw["wo"]
-            g, u = jnp.split(o @ lw["wgu"], 2, axis=-1)
-            x = x + (jax.nn.silu(g) * u) @ lw["wd"]
+            qkv = x @ lw["qkv"]
+            o = qkv[..., :H * Dh] @ lw["o"]
+            g, u = jnp.split(o @ lw["gate_up"], 2, axis=-1)
+            x = x + (jax.nn.silu(g) * u) @ lw["down"]
         return x
     res["  30 layers of matmuls (qkv, o, gate|up, down)"] = timeit(jax.jit(matmuls), x)
     q = jnp.ones((B, 1, H, Dh), x.dtype)
@@ -91,7 +91,7 @@ def main() -> None:
     logits = jax.random.normal(jax.random.key(0), (B, spec.vocab_size))
     for name, sp in (("greedy", SamplingParams(temperature=0)), ("temperature", SamplingParams(temperature=0.8)),
                      ("top-p 0.9", SamplingParams(temperature=0.8, top_p=0.9))):
-        st = build_sampling_tensors([sp] * B, [[]] * B, [1] * B, list(spec.eos_token_ids), [0] * B, list(range(B)),
+        st = build_sampling_tensors([sp] * B, [[]] * B, [1] * B, [spec.eos_token_ids] * B, [0] * B, list(range(B)),
                                     B, nbt * bs)
         res[f"  sampling, {name}"] = timeit(jax.jit(lambda l, st: sample(l, st).tokens), logits, st)
 

@@ -1,5 +1,5 @@
 """Every flag of the `kiln` command line, in one place: engine, sampling, server and batch flags, and what
-they become (EngineConfig.create keyword arguments, SamplingParams, ServeOptions). cli.py builds the parser
+they become (engine/build.build_config keyword arguments, SamplingParams, ServeOptions). cli.py builds the parser
 from these; scripts reuse them."""
 from __future__ import annotations
 

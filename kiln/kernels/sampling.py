@@ -92,7 +92,8 @@ def argmax(x: jax.Array) -> jax.Array:
     (value, index) pair reduction ~6x slower on a [64, 49152] batch of logits."""
     m = jnp.max(x, axis=-1, keepdims=True)  # [B, 1]
     idx = jnp.where(x == m, jnp.arange(x.shape[-1], dtype=jnp.int32)[None, :], x.shape[-1])  # [B, V]
-    return jnp.min(idx, axis=-1).astype(jnp.int32)  # [B]
+    # rows of NaN logits match nothing: clamp to the vocabulary, so no token id past it ever leaves the sampler
+    return jnp.minimum(jnp.min(idx, axis=-1), x.shape[-1] - 1).astype(jnp.int32)  # [B]
 
 
 _CDF_BLOCK = 512

@@ -16,8 +16,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-torch = pytest.importorskip("torch")
+import jax  # noqa: E402
+import torch  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from kiln import LLM, SamplingParams  # noqa: E402

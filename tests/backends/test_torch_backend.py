@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 from kiln import LLM  # noqa: E402
 from kiln.backends.platform import resolve_backend  # noqa: E402
@@ -135,7 +135,11 @@ def test_int4_copy_is_exact_for_4bit_weights_only():
     assert packed is not None
     assert lossless_int4(w + torch.randn_like(w) * 1e-3) is None      # 17+ levels per group: not 4-bit
     lin = Linear.of(w.bfloat16(), None, packed)
-    assert lin.packed, "oneDNN weight packing (torch.ops.mkldnn private ops) is gone from this torch"
+    assert hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"), \
+        "oneDNN weight packing (torch.ops.mkldnn private ops) is gone from this torch"
+    # bf16 packing needs AVX-512 (or AVX-NE-CONVERT); float32 packs on any x86 CPU; unpacked weights use F.linear
+    assert lin.packed == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert Linear.of(w).packed
     x = torch.randn(3, 128).bfloat16()
     ref = x.float() @ w.T
     dense = torch.nn.functional.linear(x, w.bfloat16()).float()

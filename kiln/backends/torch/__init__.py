@@ -1,2 +1,2 @@
 """The PyTorch-native CPU backend: the model step runs eagerly on oneDNN/ATen kernels (bf16 matmuls, int4 for
-4-bit GGUF weights at small batches); the sampler graphs and everything above the runner are shared with XLA."""
+4-bit GGUF weights at small batches, kiln's C++ kernels in csrc/) and samples in torch (sampler.py)."""
