@@ -54,7 +54,7 @@ def machine_bounds() -> dict:
     return out
 
 
-def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str) -> dict:
+def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str, sampled: bool = True) -> dict:
     import jax
     import workload
     from kiln import LLM, SamplingParams
@@ -72,13 +72,14 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str
     t1 = time.perf_counter()
     llm.generate(prompts[:1], sp)
     single = time.perf_counter() - t1
-    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=out_len, ignore_eos=True)
+    sampled_tps = None
+    if sampled:
+        sps = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=out_len, ignore_eos=True)
                for i in range(n)]
-    llm.generate(prompts[:2], sampled[:2])                                              # touch the sampler
-    t2 = time.perf_counter()
-    outs_s = llm.generate(prompts, sampled)
-    dt_s = time.perf_counter() - t2
-    gen_s = sum(len(o.outputs[0].token_ids) for o in outs_s)
+        llm.generate(prompts[:2], sps[:2])                                              # touch the sampler
+        t2 = time.perf_counter()
+        outs_s = llm.generate(prompts, sps)
+        sampled_tps = round(sum(len(o.outputs[0].token_ids) for o in outs_s) / (time.perf_counter() - t2), 1)
     cfg, runner = llm.engine.config, llm.engine.runner
     params = getattr(runner, "weights", None) or getattr(runner, "params", None)
     # weight bytes one single-stream step reads: the torch backend's by batch size, the jax backend's all of them
@@ -88,15 +89,15 @@ def run_kiln(model: str, n: int, out_len: int, backend: str, dtype: str, kv: str
     return {"engine": f"kiln {cfg.backend} ({cfg.dtype}{kv_note})", "n": n,
             "tokens": [o.outputs[0].token_ids for o in outs], "gen_tokens": gen, "time_s": round(dt, 2),
             "tok_per_s": round(gen / dt, 1), "single_stream_tok_per_s": round(out_len / single, 1),
-            "sampled_tok_per_s": round(gen_s / dt_s, 1),
+            "sampled_tok_per_s": sampled_tps,
             "init_s": round(init, 1), "weight_bytes_per_token": wbytes,
             "compiles_while_serving": st.get("compiles_while_serving", 0)}
 
 
-def run_baseline(tree: Path, kiln_runs: str, n: int, out_len: int) -> list[dict]:
+def run_baseline(tree: Path, kiln_runs: str, n: int, out_len: int, extra: tuple[str, ...] = ()) -> list[dict]:
     """The same kiln runs from another checkout (its kiln package first on the path), in a subprocess."""
     r = subprocess.run([sys.executable, __file__, "--kiln", kiln_runs, "--peers", "", "--no-reference",
-                        "--kiln-only", "-n", str(n), "--out-len", str(out_len)], capture_output=True, text=True,
+                        "--kiln-only", "-n", str(n), "--out-len", str(out_len), *extra], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(tree.resolve())})
     out = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if not out:
@@ -135,14 +136,15 @@ def same_outputs(a: list[list[int]], b: list[list[int]]) -> str:
            f"{first[len(first) // 2]}"
 
 
-def run_peer(name: str, peers: Path, n: int, out_len: int) -> dict | None:
+def run_peer(name: str, peers: Path, n: int, out_len: int, vllm_dtype: str = "bfloat16") -> dict | None:
     script, venv = {"vllm": ("vllm_offline.py", "vllm"), "llamacpp": ("llamacpp_offline.py", "ref"),
                     "hf": ("hf_offline.py", "ref")}[name]
     py = peers / venv / "bin" / "python"
     if not py.exists():
         print(f"[bench] {name}: not installed under {peers} (run ../shared/peers/setup.sh)", file=sys.stderr)
         return None
-    r = subprocess.run([str(py), str(PEERS_SRC / script), "-n", str(n), "--out-len", str(out_len)],
+    extra = ["--dtype", vllm_dtype] if name == "vllm" else []
+    r = subprocess.run([str(py), str(PEERS_SRC / script), "-n", str(n), "--out-len", str(out_len), *extra],
                        capture_output=True, text=True, env={**os.environ, "PEERS": str(peers)})
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -164,6 +166,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another kiln checkout whose same configurations run in this invocation too")
+    ap.add_argument("--vllm-dtype", default="bfloat16",
+                    help="vLLM's dtype (float32 where the CPU has no bf16 instructions: its bf16 path crawls there)")
+    ap.add_argument("--no-sampled", dest="sampled", action="store_false", help="skip the sampled W1 variant")
     ap.add_argument("--kiln-only", action="store_true", help=argparse.SUPPRESS)   # run_baseline's subprocess
     a = ap.parse_args()
     peers = Path(os.environ.get("PEERS", "~/.cache/kiln-peers")).expanduser()
@@ -171,14 +176,14 @@ def main() -> None:
     if a.kiln_only:
         for run in a.kiln.split(","):
             backend, dtype, kv = (run.split(":") + ["auto", "auto"])[:3]
-            r = run_kiln(a.model, a.n, a.out_len, backend, dtype, kv)
+            r = run_kiln(a.model, a.n, a.out_len, backend, dtype, kv, a.sampled)
             print("RESULT " + json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
         return
     bounds = machine_bounds()
     print("machine:", bounds)
     for run in a.kiln.split(","):
         backend, dtype, kv = (run.split(":") + ["auto", "auto"])[:3]
-        results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype, kv))
+        results.append(run_kiln(a.model, a.n, a.out_len, backend, dtype, kv, a.sampled))
         print("RESULT " + json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), flush=True)
     if a.reference:   # W1 outputs against transformers on the same weights, float32 and bfloat16
         refs = {dt: hf_reference(a.model, a.n, a.out_len, dt) for dt in ("float32", "bfloat16")}
@@ -190,11 +195,11 @@ def main() -> None:
     for r in results:
         r.pop("tokens")
     if a.baseline is not None:
-        for r in run_baseline(a.baseline, a.kiln, a.n, a.out_len):
+        for r in run_baseline(a.baseline, a.kiln, a.n, a.out_len, () if a.sampled else ("--no-sampled",)):
             print("RESULT " + json.dumps(r), flush=True)
             results.append(r)
     for name in filter(None, a.peers.split(",")):
-        r = run_peer(name, peers, a.n, a.out_len)
+        r = run_peer(name, peers, a.n, a.out_len, a.vllm_dtype)
         if r:
             print("RESULT " + json.dumps(r), flush=True)
             results.append(r)
@@ -208,7 +213,7 @@ def main() -> None:
     print(f"\n{'engine':<52} {'W1 tok/s':>9} {'W1 sampled':>10} {'W2 tok/s':>9} {'init s':>7} {'kiln/W1':>8} "
           f"{'kiln/W2':>8}")
     for r in results:
-        print(f"{r['engine']:<52} {r['tok_per_s']:>9} {r.get('sampled_tok_per_s', '-'):>10} "
+        print(f"{r['engine']:<52} {r['tok_per_s']:>9} {r.get('sampled_tok_per_s') or '-':>10} "
               f"{r['single_stream_tok_per_s']:>9} {r['init_s']:>7} {kiln['tok_per_s'] / r['tok_per_s']:>8.2f} "
               f"{kiln['single_stream_tok_per_s'] / r['single_stream_tok_per_s']:>8.2f}")
     print(f"bounds for {kiln['engine']}: W2 <= {w2_bound:.0f} tok/s ({kiln['weight_bytes_per_token'] / 1e6:.0f} MB of "

@@ -78,9 +78,20 @@ class ModelRunner(abc.ABC):
         """Bytes of K and V one cache block takes on this backend (the planner sizes the cache with it)."""
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[kv_dtype]
 
+    @classmethod
+    def from_params(cls, *, spec: ModelSpec, config: EngineConfig, params: Any) -> ModelRunner:
+        """A runner over weights this backend already built (tests and scripts that hold them); a backend that
+        supports it implements `_setup(spec, config, params)`, which its __init__ calls after building them."""
+        runner = cls.__new__(cls)
+        runner._setup(spec, config, params)
+        return runner
+
     def with_config(self, *, config: EngineConfig) -> ModelRunner:
         """Another runner over this one's weights with its own config and KV cache (engine variants of one
-        loaded model: tests, benchmarks). Optional."""
+        loaded model: tests, benchmarks)."""
+        return self.from_params(spec=self.spec, config=config, params=self.params)
+
+    def _setup(self, spec: ModelSpec, config: EngineConfig, params: Any) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot share its weights")
 
     def close(self) -> None:

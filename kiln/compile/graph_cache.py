@@ -28,7 +28,7 @@ from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
 
-GRAPH_VERSION = 1          # bump when kiln's step functions change what they compute
+GRAPH_VERSION = 2          # bump when kiln's step functions change what they compute
 MAGIC = b"KILNGRAPH\x01\n"
 
 

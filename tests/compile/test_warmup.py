@@ -135,3 +135,22 @@ def test_warmup_cli_check_then_fill(model_dir, cache_dir, capsys):
     assert main(args) == 0
     assert main(args + ["--check"]) == 0
     assert f"{planned} in the graph cache, 0 would be compiled" in capsys.readouterr().out
+
+
+def test_two_processes_warming_one_cache_at_once_both_come_up(model_dir, cache_dir):
+    """Two `kiln warmup` processes (the build and warmup `kiln serve` runs) fill one empty graph cache at the same
+    time: both finish, and the cache then holds every planned graph, none of them corrupt."""
+    import os
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "kiln.entrypoints.cli", "warmup", "--model", model_dir, "--backend", "jax",
+            "--max-model-len", "64", "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--kv-cache-gib", "0.01"]
+    env = {**os.environ, "KILN_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    check = subprocess.run(args + ["--check"], env=env, capture_output=True, text=True, timeout=600)
+    planned = int(check.stdout.strip().splitlines()[-1].split()[0])
+    assert planned > 0 and f"{planned} in the graph cache, 0 would be compiled" in check.stdout, check.stdout
+    assert "corrupt" not in "".join(err for _, err in outs)

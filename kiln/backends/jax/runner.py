@@ -86,16 +86,6 @@ class JaxRunner(ModelRunner):
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         self._setup(spec, config, M.params_from_hf(spec, tensors, jnp.dtype(config.dtype)))
 
-    @classmethod
-    def from_params(cls, *, spec: ModelSpec, config: EngineConfig, params) -> JaxRunner:
-        """A runner over already built params (a tree of jax arrays, backends/jax/model.params_from_hf): for tests and scripts that hold them."""
-        runner = cls.__new__(cls)
-        runner._setup(spec, config, params)
-        return runner
-
-    def with_config(self, *, config: EngineConfig) -> JaxRunner:
-        return self.from_params(spec=self.spec, config=config, params=self.params)
-
     def _setup(self, spec: ModelSpec, config: EngineConfig, params) -> None:
         self.spec, self.params, self.config = spec, params, config
         cc = config.cache

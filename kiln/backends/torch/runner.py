@@ -42,16 +42,6 @@ class TorchRunner(ModelRunner):
         int4 = config.model.quantization == "auto" and dtype == torch.bfloat16
         self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len))
 
-    @classmethod
-    def from_params(cls, *, spec: ModelSpec, config: EngineConfig, params) -> TorchRunner:
-        """A runner over already built weights (backends/torch/weights.load_weights): for tests and scripts that hold them."""
-        runner = cls.__new__(cls)
-        runner._setup(spec, config, params)
-        return runner
-
-    def with_config(self, *, config: EngineConfig) -> TorchRunner:
-        return self.from_params(spec=self.spec, config=config, params=self.params)
-
     def _setup(self, spec: ModelSpec, config: EngineConfig, weights: Weights) -> None:
         self.spec, self.params, self.config = spec, weights, config
         cc = config.cache
