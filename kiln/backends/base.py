@@ -46,6 +46,13 @@ class RunnerStats:
     graph_cache_hits: int = 0          # graphs loaded from the persistent graph cache
     padding_by_bucket: dict[str, int] = dataclasses.field(default_factory=dict)  # step shape -> padded positions
 
+    def add_step(self, bucket: str, real: int, computed: int) -> None:
+        """Count one executed step of `real` scheduled tokens that computed `computed` positions."""
+        self.steps += 1
+        self.real_tokens += real
+        self.computed_tokens += computed
+        self.padding_by_bucket[bucket] = self.padding_by_bucket.get(bucket, 0) + computed - real
+
     @property
     def padding_tokens(self) -> int:
         """Positions computed for padding (computed - real)."""

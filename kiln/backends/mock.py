@@ -73,12 +73,8 @@ class MockRunner(ModelRunner):
         top = None
         if want is not None:
             top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
-        st = self._stats
-        st.steps += 1
-        st.real_tokens += step.num_tokens
-        st.computed_tokens += step.num_tokens                # no padding: every token is a real one
-        bucket = f"{step.kind}(batch={len(step.rows)})"
-        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0)
+        # no padding: every computed token is a real one
+        self._stats.add_step(f"{step.kind}(batch={len(step.rows)})", step.num_tokens, step.num_tokens)
         return StepResult(tokens, [mock_logprob(t) for t in tokens], top)
 
     def warmup(self, *, check_only: bool = False, show_progress: bool = True):

@@ -209,16 +209,9 @@ class JaxRunner(ModelRunner):
             key, exe = self._graph_for("decode", len(rows), max(len(r.block_table) for r in rows))
             x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=1, table_width=key.size)
             args = (x.tokens, x.positions, x.slots, x.tables, x.starts)
-        self._count(str(key), step.num_tokens, x.computed_tokens)
+        self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
         self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
         return self._sample(rows, logits, key.batch)
-
-    def _count(self, bucket: str, real: int, computed: int) -> None:
-        st = self._stats
-        st.steps += 1
-        st.real_tokens += real
-        st.computed_tokens += computed
-        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0) + computed - real
 
     def _sample(self, rows, logits, B: int) -> StepResult:
         """Tokens for the rows from logits [B, V] by the sampler graph of batch B (plain greedy or general)."""

@@ -74,15 +74,8 @@ class TorchRunner(ModelRunner):
                            table_width=max(len(r.block_table) for r in rows))
         logits = TM.forward(self.spec, self.params, self.k_cache, self.v_cache, self.config.cache.block_size,
                             x.tokens, x.positions, x.slots, x.tables, x.lens)          # [n, V] float32
-        self._count(f"{step.kind}(batch={len(rows)}, seq_len={T})", step.num_tokens, x.computed_tokens)
+        self._stats.add_step(f"{step.kind}(batch={len(rows)}, seq_len={T})", step.num_tokens, x.computed_tokens)
         return self._sample(rows, logits)
-
-    def _count(self, bucket: str, real: int, computed: int) -> None:
-        st = self._stats
-        st.steps += 1
-        st.real_tokens += real
-        st.computed_tokens += computed
-        st.padding_by_bucket[bucket] = st.padding_by_bucket.get(bucket, 0) + computed - real
 
     def _sample(self, rows, logits: torch.Tensor) -> StepResult:
         want_lp = I.logprobs_wanted(rows)
