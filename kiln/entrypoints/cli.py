@@ -75,6 +75,15 @@ def cmd_batch(a: argparse.Namespace) -> int:
     return batch.main(a, engine_kwargs(a), sampling_params(a))
 
 
+def _is_follower(a: argparse.Namespace) -> bool:
+    """A process > 0 of a multi-process engine (--process-id, or KILN_PROCESS_ID / JAX_PROCESS_ID)."""
+    if a.command not in ("generate", "serve", "batch", "warmup"):
+        return False
+    from kiln.config import Env
+    pid = a.process_id if getattr(a, "process_id", None) is not None else Env.read().process_id
+    return bool(pid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="kiln: LLM inference from ahead-of-time compiled graphs")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
@@ -127,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)
     try:
+        if _is_follower(args):   # multi-host: processes > 0 run process 0's steps, whatever the command
+            from kiln.distributed.lockstep import run_follower
+            kw = engine_kwargs(args)
+            run_follower(kw.pop("model"), **kw)
+            return 0
         return args.func(args)
     except (ValueError, OSError) as e:   # ModelError is a ValueError: bad model, bad input, bad flag
         print(f"kiln: error: {e}", file=sys.stderr)
