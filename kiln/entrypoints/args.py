@@ -43,6 +43,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices one model copy is split over (jax backend; Megatron layout over a jax Mesh). On "
                         "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices (default: 1)")
+    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="serve / batch: N engine replicas as Ray actors behind one ingress (needs kiln[ray]; "
+                        "default: 1, no Ray)")
+    d.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster instead of starting a local one (also KILN_RAY_ADDRESS / "
+                        "RAY_ADDRESS)")
     d.add_argument("--coordinator-address", default=None,
                    help="multi-host: host:port of process 0's jax.distributed coordinator "
                         "(also KILN_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")

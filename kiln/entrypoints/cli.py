@@ -62,7 +62,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import asyncio
 
     from kiln.entrypoints.serve import serve
-    return asyncio.run(serve(options_from_args(a), engine_kwargs(a)))
+    kwargs, build = engine_kwargs(a), None
+    if a.data_parallel_size > 1:     # N replicas on Ray behind this process's servers (serving/ray_replicas.py)
+        from kiln.config import Env
+        from kiln.serving.ray_replicas import require_ray, start_replicas
+        require_ray()
+        address = a.ray_address or Env.read().ray_address
+        build = lambda: start_replicas(a.data_parallel_size, kwargs, address=address)   # noqa: E731
+    return asyncio.run(serve(options_from_args(a), kwargs, build=build))
 
 
 def cmd_client(a: argparse.Namespace) -> int:
