@@ -191,6 +191,9 @@ def add_batch_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-in-flight", type=int, default=None,
                    help="requests handed to the engine at once (default: 2 x --max-num-seqs)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    b.add_argument("--ray", action="store_true",
+                   help="answer the lines with engine replicas on Ray (--data-parallel-size of them, default 1; "
+                        "a local Ray cluster unless --ray-address); needs kiln[ray]")
     add_engine_args(b)
     add_sampling_args(b)   # used by --format text lines; JSONL lines carry their own in their body
 

@@ -86,7 +86,7 @@ class EngineReplica:
 class ReplicaEngine:
     """The AsyncEngine face over N EngineReplica actors (what ServingCore.attach and the batch runner take)."""
 
-    def __init__(self, ray, actors: list, shadow, health_s: float = 1.0):
+    def __init__(self, ray, actors: list, shadow, health_s: float = 1.0, retry_lost: bool = False):
         self._ray, self.actors, self.engine = ray, actors, shadow    # shadow: an LLMEngine for validation only
         self.tokenizer = shadow.tokenizer
         self.inflight = [0] * len(actors)
@@ -98,6 +98,8 @@ class ReplicaEngine:
         self._health_s = health_s
         self._health_task: asyncio.Task | None = None
         self.error = None                        # the face never dies; replicas do, and come back
+        self.retry_lost = retry_lost             # restart a lost request on another replica (batch)
+        self.max_attempts = 2 * len(actors) + 1
 
     # -- the AsyncEngine face ---------------------------------------------------------------------
     @property
@@ -118,10 +120,28 @@ class ReplicaEngine:
         return min(live, key=lambda i: (self.inflight[i], i))
 
     async def generate(self, prompt, params=None, request_id: str | None = None):
+        """Stream one request from the least-loaded healthy replica. If that replica dies: ReplicaLost, or with
+        `retry_lost` (batch jobs, which keep only the final output) the request starts over on another replica,
+        and only its final output is yielded."""
         from kiln.engine.sampling_params import SamplingParams
         self._ensure_health_loop()
         params = params or SamplingParams()
         rid = request_id or f"dp-{sum(self.routed)}"
+        for attempt in range(self.max_attempts if self.retry_lost else 1):
+            try:
+                async for out in self._one(prompt, params, rid):
+                    if out.finished or not self.retry_lost:   # retrying: only the final output, so that no
+                        yield out                             # consumer ever sees a stream start over
+                return
+            except ReplicaLost:
+                if attempt + 1 >= (self.max_attempts if self.retry_lost else 1):
+                    raise
+                log.warning("request %s: its replica died; retrying on another (attempt %d)", rid, attempt + 2)
+                while not any(self.healthy):           # every replica restarting: wait for one
+                    await asyncio.sleep(self._health_s)
+                    await self.check_health()
+
+    async def _one(self, prompt, params, rid: str):
         i = self.pick()
         self.inflight[i] += 1
         self.routed[i] += 1
@@ -136,6 +156,7 @@ class ReplicaEngine:
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError) as e:
             self.healthy[i] = False
             self.lost += 1
+            finished = True                            # nothing to abort: the process is gone
             raise ReplicaLost(f"engine replica {i} died while serving this request ({type(e).__name__}); "
                               f"retry") from None
         finally:
@@ -179,7 +200,8 @@ class ReplicaEngine:
 
 
 def start_replicas(n: int, engine_kwargs: dict, *, factory: str | None = None, address: str | None = None,
-                   num_cpus_per_replica: float = 1, health_s: float = 1.0, **ray_init) -> ReplicaEngine:
+                   num_cpus_per_replica: float = 1, health_s: float = 1.0, retry_lost: bool = False,
+                   **ray_init) -> ReplicaEngine:
     """Start (or join, with `address`) a Ray cluster and N replicas; returns their ReplicaEngine once every
     replica has built its engine."""
     ray = require_ray()
@@ -192,4 +214,4 @@ def start_replicas(n: int, engine_kwargs: dict, *, factory: str | None = None, a
     from kiln.engine.llm_engine import LLMEngine
     shadow = LLMEngine(config, spec, None, tokenizer)         # validates requests; never steps
     log.info("%d engine replicas up on Ray", n)
-    return ReplicaEngine(ray, actors, shadow, health_s)
+    return ReplicaEngine(ray, actors, shadow, health_s, retry_lost)
