@@ -29,7 +29,7 @@ from kiln.serving.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-RAY_HINT = "data-parallel replicas run on Ray: pip install 'kiln[ray]' (or pip install 'ray[data]')"
+RAY_HINT = "data-parallel replicas run on Ray: pip install 'kiln[ray]' (or pip install ray)"
 
 
 class ReplicaLost(Unavailable):
