@@ -79,6 +79,10 @@ def test_graph_cache_distinguishes_meshes(report):
     assert (k1a["cached_before"], k1a["how"]) == (False, "compiled")
     assert (k2a["cached_before"], k2a["how"]) == (False, "compiled")    # the TP=1 entry is not the TP=2 graph
     assert (k1b["how"], k2b["how"]) == ("hit", "hit")
+    # a loaded sharded graph runs on its mesh and computes what the compiled one did (and TP=1 agrees)
+    np.testing.assert_array_equal(k2b["logits"], k2a["logits"])
+    np.testing.assert_allclose(k2a["logits"], k1a["logits"], atol=1e-4, rtol=0)
+    assert np.abs(np.asarray(k1a["logits"])).max() > 1.0
 
 
 class _Spec:

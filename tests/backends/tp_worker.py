@@ -5,7 +5,8 @@ ARGS_JSON` prints one JSON line: what the test asserts on.
     logits  {folder, tps, greedy_tokens}   per TP size: last-token logits of a 3-row prefill, then of one
             decode step; the decode graph's collectives (in the layer scan, in all); the KV shard shape; the
             engine's (LLMEngine) greedy tokens of 3 prompts on the same runner
-    cache   {folder, cache_dir}     the graph cache across meshes: fingerprints and hit/miss per TP size
+    cache   {folder, cache_dir}     the graph cache across meshes: fingerprints, hit/miss per TP size, and the
+            logits of one decode step run by each (compiled or loaded) graph
     run_all {tasks: {name: [task, args]}}   several of them in one process
 """
 from __future__ import annotations
@@ -102,8 +103,11 @@ def cache(folder, cache_dir):
     for tp in (1, 2, 1, 2):
         r = _runner(folder, tp, graph_cache=True)
         fp = r.fingerprint(key)
-        out.setdefault(str(tp), []).append({"key": fingerprint_key(fp), "mesh": fp["mesh"],
-                                            "cached_before": r.is_cached(key), "how": r.load_or_compile(key)})
+        entry = {"key": fingerprint_key(fp), "mesh": fp["mesh"], "cached_before": r.is_cached(key),
+                 "how": r.load_or_compile(key)}
+        x = I.prepare_step([_row(0, [7], 3)], block_size=r.config.cache.block_size, batch=1, seq_len=1, table_width=4)
+        entry["logits"] = _logits(r, key, x, (x.tokens, x.positions, x.slots, x.tables, x.starts))[0].tolist()
+        out.setdefault(str(tp), []).append(entry)
     return out
 
 

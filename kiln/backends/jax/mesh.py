@@ -151,9 +151,10 @@ class Placement:
         return cls(make_mesh(tp), plan)
 
     @property
-    def devices(self) -> list | None:
-        """The devices a graph runs on, in mesh order (None without a mesh: the default)."""
-        return None if self.mesh is None else list(self.mesh.devices.flat)
+    def devices(self) -> list:
+        """The devices a graph runs on, in mesh order (without a mesh: the default device only; a graph loaded
+        from the cache would otherwise expect one argument shard on every visible device)."""
+        return [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
 
     @property
     def replicated(self) -> NamedSharding | None:
