@@ -46,6 +46,10 @@ class Env:
     kv_cache_gib: float | None = None                         # KILN_KVCACHE_SPACE | VLLM_CPU_KVCACHE_SPACE
     buckets: Mapping[str, tuple[int | None, int | None, int | None]] = dataclasses.field(default_factory=dict)
     xla_flags: str = ""                                       # XLA_FLAGS: they change compiled graphs
+    coordinator_address: str | None = None                    # KILN_COORDINATOR_ADDRESS | JAX_COORDINATOR_ADDRESS
+    num_processes: int | None = None                          # KILN_NUM_PROCESSES | JAX_NUM_PROCESSES
+    process_id: int | None = None                             # KILN_PROCESS_ID | JAX_PROCESS_ID
+    ray_address: str | None = None                            # KILN_RAY_ADDRESS | RAY_ADDRESS
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Env:
@@ -59,11 +63,15 @@ class Env:
             if any(parts):
                 buckets[dim] = tuple(int(p) if p else None for p in parts)
         space = _first(e, "KILN_KVCACHE_SPACE", "VLLM_CPU_KVCACHE_SPACE")
+        nproc, pid = _first(e, "KILN_NUM_PROCESSES", "JAX_NUM_PROCESSES"), _first(e, "KILN_PROCESS_ID", "JAX_PROCESS_ID")
         return cls(cache_dir=cache,
                    models_dir=Path(e["KILN_MODELS_DIR"]).expanduser() if e.get("KILN_MODELS_DIR") else None,
                    backend=e.get("KILN_BACKEND") or None,
                    skip_warmup=_truthy(_first(e, "KILN_SKIP_WARMUP", "VLLM_SKIP_WARMUP")),
-                   kv_cache_gib=float(space) if space else None, buckets=buckets, xla_flags=e.get("XLA_FLAGS", ""))
+                   kv_cache_gib=float(space) if space else None, buckets=buckets, xla_flags=e.get("XLA_FLAGS", ""),
+                   coordinator_address=_first(e, "KILN_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
+                   num_processes=int(nproc) if nproc else None, process_id=int(pid) if pid else None,
+                   ray_address=_first(e, "KILN_RAY_ADDRESS", "RAY_ADDRESS"))
 
     @property
     def models(self) -> Path:
@@ -211,6 +219,34 @@ class CompileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How one engine spans devices and processes (backends/jax/mesh.py, distributed/)."""
+    tensor_parallel_size: int = 1        # devices one model copy is split over (jax backend), Megatron layout
+    coordinator_address: str | None = None   # host:port of process 0's jax.distributed coordinator (multi-host)
+    num_processes: int = 1               # processes of one engine (multi-host); each runs the same step loop
+    process_id: int = 0                  # this process; 0 schedules and serves, the others follow its steps
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1 or self.num_processes < 1:
+            raise ValueError("tensor_parallel_size and num_processes must be at least 1")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id must be in [0, {self.num_processes}), got {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError("num_processes > 1 needs a coordinator address (--coordinator-address host:port "
+                             "or KILN_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
+
+    @classmethod
+    def of(cls, env: Env, *, tensor_parallel_size: int = 1, coordinator_address: str | None = None,
+           num_processes: int | None = None, process_id: int | None = None) -> ParallelConfig:
+        """Flags first, then the environment (KILN_* or JAX_* spellings)."""
+        pick_ = lambda flag, envv, default: flag if flag is not None else envv if envv is not None else default
+        return cls(tensor_parallel_size=tensor_parallel_size,
+                   coordinator_address=coordinator_address or env.coordinator_address,
+                   num_processes=pick_(num_processes, env.num_processes, 1),
+                   process_id=pick_(process_id, env.process_id, 0))
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from, resolved (engine/build.build_config makes one)."""
     model: ModelConfig
@@ -225,6 +261,7 @@ class EngineConfig:
     platform: str = "cpu"
     seed: int = 0
     env: Env = dataclasses.field(default_factory=Env)   # the environment snapshot this config was built with
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -49,8 +49,9 @@ class GraphCache:
     def has(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def load(self, key: str):
-        """The loaded executable for key, or None (a miss, or a corrupt entry that was removed)."""
+    def load(self, key: str, devices=None):
+        """The loaded executable for key, or None (a miss, or a corrupt entry that was removed). `devices`: the
+        devices it runs on, in mesh order (a sharded graph; None: the backend's devices)."""
         path = self._path(key)
         try:
             data = path.read_bytes()
@@ -68,7 +69,7 @@ class GraphCache:
             if hashlib.sha256(payload).hexdigest() != header["sha256"]:
                 raise ValueError("checksum mismatch")
             exe_bytes, in_tree, out_tree = pickle.loads(payload)
-            exe = serialize_executable.deserialize_and_load(exe_bytes, in_tree, out_tree)
+            exe = serialize_executable.deserialize_and_load(exe_bytes, in_tree, out_tree, execution_devices=devices)
         except Exception as e:  # any damage: report, drop, rebuild
             log.warning("graph cache entry %s is corrupt (%s); removing it, it will be rebuilt", path.name, e)
             self.corrupt += 1

@@ -21,7 +21,7 @@ from kiln.backends.registry import create_runner, runner_class
 from kiln.compile.buckets import make_buckets
 from kiln.compile.planner import host_free_bytes, plan_memory
 from kiln.config import (DTYPES, BucketPlan, CacheConfig, CompileConfig, EngineConfig, Env, ModelConfig,
-                         SchedulerConfig, resolve_dtype)
+                         ParallelConfig, SchedulerConfig, resolve_dtype)
 from kiln.engine.llm_engine import LLMEngine
 from kiln.models.spec import ModelSpec
 
@@ -76,7 +76,8 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  max_model_len: int | None = None, seed: int = 0, platform: str | None = None,
                  free_bytes: int | None = None, buckets: dict[str, tuple[int, int, int]] | None = None,
-                 env: Env | None = None, **compile_kwargs) -> EngineConfig:
+                 env: Env | None = None, tensor_parallel_size: int | None = None,
+                 parallel: ParallelConfig | None = None, **compile_kwargs) -> EngineConfig:
     """The EngineConfig of these options for a model of `spec`. platform None: JAX's default device;
     free_bytes None: the host's available memory; env None: Env.read(). `buckets` maps prompt_bs,
     prompt_seq, decode_bs, decode_blocks to (min, step, max), any part None; compile_kwargs are
@@ -88,6 +89,10 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
     backend = backend or env.backend or "auto"
     mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
     backend = resolve_backend(backend, platform)
+    parallel = parallel or ParallelConfig.of(env, tensor_parallel_size=tensor_parallel_size or 1)
+    if backend != "jax" and (parallel.tensor_parallel_size > 1 or parallel.num_processes > 1):
+        raise ValueError(f"tensor parallelism and multi-host run on the jax backend; backend is {backend} "
+                         f"(use --backend jax, or --data-parallel-size for replicas of any backend)")
     resolved = resolve_dtype(dtype, platform, backend)
     max_len = resolve_max_len(spec, max_model_len)
     sc = SchedulerConfig(max_num_seqs=max_num_seqs,
@@ -116,19 +121,44 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
     plan = make_plan(buckets=buckets or {}, env=env, block_size=block_size, max_num_seqs=max_num_seqs,
                      max_model_len=max_len, max_num_batched_tokens=sc.max_num_batched_tokens)
     return EngineConfig(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory,
-                        dtype=resolved, backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed, env=env)
+                        dtype=resolved, backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed, env=env,
+                        parallel=parallel)
 
 
-def build_engine(model: str = ModelConfig.model, **kwargs) -> LLMEngine:
-    """Load weights and tokenizer, derive the config, build the runner, warm it up, build the engine.
-    Keyword arguments are build_config's."""
+def _parallel(env: Env, kwargs: dict) -> ParallelConfig:
+    """The ParallelConfig of these options (popped from kwargs) and the environment."""
+    names = ("tensor_parallel_size", "coordinator_address", "num_processes", "process_id")
+    given = {k: kwargs.pop(k) for k in names if kwargs.get(k) is not None}
+    return kwargs.pop("parallel", None) or ParallelConfig.of(env, **given)
+
+
+def build_runner(model: str = ModelConfig.model, **kwargs):
+    """Load the model, derive the config, build the runner and warm it up: (config, loaded, runner). A
+    multi-process engine starts jax.distributed first (kiln.distributed.init), before JAX sees a device."""
+    from kiln.distributed.init import initialize
     from kiln.models.loader import load_model
     env = kwargs.pop("env", None) or Env.read()
+    parallel = _parallel(env, kwargs)
+    initialize(parallel)
     loaded = load_model(model, env.models)
-    config = build_config(loaded.spec, model=model, env=env, **kwargs)
+    config = build_config(loaded.spec, model=model, env=env, parallel=parallel, **kwargs)
     log.info("backend %s, %s", config.backend, config.dtype)
     runner = create_runner(config.backend, spec=loaded.spec, config=config, tensors=loaded.tensors)
     del loaded.tensors
     if config.compile.warmup:
         runner.warmup()
+    return config, loaded, runner
+
+
+def build_engine(model: str = ModelConfig.model, **kwargs) -> LLMEngine:
+    """Load weights and tokenizer, derive the config, build the runner, warm it up, build the engine.
+    Keyword arguments are build_config's. In a multi-process engine this is process 0's: its runner
+    broadcasts every step to the followers (kiln.distributed.lockstep; they run `run_follower`)."""
+    config, loaded, runner = build_runner(model, **kwargs)
+    if config.parallel.num_processes > 1:
+        from kiln.distributed.lockstep import LockstepRunner
+        if config.parallel.process_id != 0:
+            raise ValueError(f"process {config.parallel.process_id} of a multi-process engine follows process "
+                             f"0's steps (kiln.distributed.lockstep.run_follower), it builds no engine")
+        runner = LockstepRunner(runner)
     return LLMEngine(config, loaded.spec, runner, loaded.tokenizer)

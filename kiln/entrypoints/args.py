@@ -39,6 +39,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off reuse of cached prompt blocks")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    d = p.add_argument_group("parallelism (backends/jax/mesh.py, kiln/distributed)")
+    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices one model copy is split over (jax backend; Megatron layout over a jax Mesh). On "
+                        "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices (default: 1)")
+    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="serve / batch: N engine replicas as Ray actors behind one ingress (needs kiln[ray]; "
+                        "default: 1, no Ray)")
+    d.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster instead of starting a local one (also KILN_RAY_ADDRESS / "
+                        "RAY_ADDRESS)")
+    d.add_argument("--coordinator-address", default=None,
+                   help="multi-host: host:port of process 0's jax.distributed coordinator "
+                        "(also KILN_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: processes of one engine (also KILN_NUM_PROCESSES / JAX_NUM_PROCESSES)")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process (0 serves; the others follow its steps; also KILN_PROCESS_ID)")
     c = p.add_argument_group("compiled graphs (buckets, warmup, graph cache)")
     for name, what in (("prompt-bs", "prefill batch sizes"), ("prompt-seq", "prefill seq_len"),
                        ("decode-bs", "decode batch sizes"), ("decode-block", "decode num_blocks")):
@@ -85,7 +102,14 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 graph_cache=a.graph_cache, memory_utilization=a.memory_utilization,
                 graph_reserved_fraction=a.graph_reserved_fraction, graph_prompt_ratio=a.graph_prompt_ratio,
                 prefill_strategy=a.prefill_strategy, decode_strategy=a.decode_strategy,
-                compile_workers=a.compile_workers)
+                compile_workers=a.compile_workers, tensor_parallel_size=a.tensor_parallel_size,
+                **distributed_kwargs(a))
+
+
+def distributed_kwargs(a: argparse.Namespace) -> dict:
+    """The multi-host flags given (build_config reads the environment for the rest)."""
+    given = {k: getattr(a, k, None) for k in ("coordinator_address", "num_processes", "process_id")}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -167,6 +191,9 @@ def add_batch_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-in-flight", type=int, default=None,
                    help="requests handed to the engine at once (default: 2 x --max-num-seqs)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    b.add_argument("--ray", action="store_true",
+                   help="answer the lines with engine replicas on Ray (--data-parallel-size of them, default 1; "
+                        "a local Ray cluster unless --ray-address); needs kiln[ray]")
     add_engine_args(b)
     add_sampling_args(b)   # used by --format text lines; JSONL lines carry their own in their body
 

@@ -266,6 +266,9 @@ def run_batch(engine: LLMEngine | AsyncEngine, input_path: str, output_path: str
 
 def main(args: Any, engine_kwargs: dict, text_params: SamplingParams) -> int:
     """`kiln batch` (its flags live in args.py): check the paths, load the model, run, summarise."""
+    if getattr(args, "data_parallel_size", 1) > 1 or getattr(args, "ray", False) or getattr(args, "ray_address", None):
+        from kiln.entrypoints import batch_ray      # N engine replicas on Ray
+        return batch_ray.main(args, engine_kwargs, text_params)
     check_paths(args.input, args.output, resume=args.resume, overwrite=args.overwrite)
     if args.format not in FORMATS:
         raise BatchUsageError(f"format must be one of {', '.join(FORMATS)}")

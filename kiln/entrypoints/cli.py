@@ -62,7 +62,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import asyncio
 
     from kiln.entrypoints.serve import serve
-    return asyncio.run(serve(options_from_args(a), engine_kwargs(a)))
+    kwargs, build = engine_kwargs(a), None
+    if a.data_parallel_size > 1:     # N replicas on Ray behind this process's servers (serving/ray_replicas.py)
+        from kiln.config import Env
+        from kiln.serving.ray_replicas import require_ray, start_replicas
+        require_ray()
+        address = a.ray_address or Env.read().ray_address
+        build = lambda: start_replicas(a.data_parallel_size, kwargs, address=address)   # noqa: E731
+    return asyncio.run(serve(options_from_args(a), kwargs, build=build))
 
 
 def cmd_client(a: argparse.Namespace) -> int:
@@ -73,6 +80,15 @@ def cmd_client(a: argparse.Namespace) -> int:
 def cmd_batch(a: argparse.Namespace) -> int:
     from kiln.entrypoints import batch
     return batch.main(a, engine_kwargs(a), sampling_params(a))
+
+
+def _is_follower(a: argparse.Namespace) -> bool:
+    """A process > 0 of a multi-process engine (--process-id, or KILN_PROCESS_ID / JAX_PROCESS_ID)."""
+    if a.command not in ("generate", "serve", "batch", "warmup"):
+        return False
+    from kiln.config import Env
+    pid = a.process_id if getattr(a, "process_id", None) is not None else Env.read().process_id
+    return bool(pid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jax").setLevel(logging.WARNING)
     try:
+        if _is_follower(args):   # multi-host: processes > 0 run process 0's steps, whatever the command
+            from kiln.distributed.lockstep import run_follower
+            kw = engine_kwargs(args)
+            run_follower(kw.pop("model"), **kw)
+            return 0
         return args.func(args)
     except (ValueError, OSError) as e:   # ModelError is a ValueError: bad model, bad input, bad flag
         print(f"kiln: error: {e}", file=sys.stderr)

@@ -57,7 +57,9 @@ async def serve(opts: ServeOptions, engine_kwargs: dict | None = None, *, build:
             log.info("metrics on http://%s:%d/metrics", opts.host,
                      core.metrics.start_http(opts.metrics_port, opts.host))
         t0 = time.perf_counter()
-        engine = AsyncEngine(await loop.run_in_executor(None, build), on_death=core.engine_died)
+        built = await loop.run_in_executor(None, build)
+        # an LLMEngine gets its engine thread; data-parallel replicas (serving/ray_replicas) are one already
+        engine = built if hasattr(built, "generate") else AsyncEngine(built, on_death=core.engine_died)
         try:
             core.attach(engine, opts.served_model_name or engine_kwargs.get("model", ""))
             if not stop.is_set():

@@ -24,6 +24,7 @@ import numpy as np
 from kiln.backends import inputs as I
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.jax import model as M
+from kiln.backends.jax.mesh import Placement
 from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
 from kiln.compile.graph_key import GraphKey
 from kiln.compile.guard import CompileGuard
@@ -87,11 +88,14 @@ class JaxRunner(ModelRunner):
         self._setup(spec, config, M.params_from_hf(spec, tensors, jnp.dtype(config.dtype)))
 
     def _setup(self, spec: ModelSpec, config: EngineConfig, params) -> None:
-        self.spec, self.params, self.config = spec, params, config
+        par = config.parallel                                       # the mesh and shardings: backends/jax/mesh.py
+        self.placement = Placement.for_model(spec, params, par.tensor_parallel_size,
+                                             multi_process=par.num_processes > 1)
+        self.spec, self.params, self.config = spec, self.placement.params(params), config
         cc = config.cache
         shape = (spec.num_layers, cc.num_blocks, spec.num_kv_heads, cc.block_size, spec.head_dim)
-        self.k_cache = jnp.zeros(shape, jnp.dtype(config.dtype))   # [L, NB, KVH, bs, Dh]
-        self.v_cache = jnp.zeros(shape, jnp.dtype(config.dtype))
+        self.k_cache = self.placement.kv_zeros(shape, jnp.dtype(config.dtype))   # [L, NB, KVH, bs, Dh]
+        self.v_cache = self.placement.kv_zeros(shape, jnp.dtype(config.dtype))
         self.executables: dict[GraphKey, jax.stages.Compiled] = {}
         self.compile_log: list[tuple[GraphKey, float]] = []        # every compile, with its seconds
         self.graph_memory: dict[GraphKey, int] = {}                # bytes of temporaries + code per graph
@@ -117,21 +121,21 @@ class JaxRunner(ModelRunner):
 
     # -- graphs -----------------------------------------------------------------------------------
     def _abstract_args(self, key: GraphKey):
-        B = key.batch
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-        flag = jax.ShapeDtypeStruct((), jnp.bool_)
+        B, pl = key.batch, self.placement
+        i32 = lambda *s: pl.abstract(jax.ShapeDtypeStruct(s, jnp.int32))
+        flag = pl.abstract(jax.ShapeDtypeStruct((), jnp.bool_))
         if key.kind == "sample":
-            logits = jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32)
+            logits = pl.abstract(jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32))
             if not key.size:
                 return logits, flag
             st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
-            return logits, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st), flag
+            return logits, jax.tree.map(pl.abstract, st), flag
         if key.kind == "prefill":
             T, nbt = key.size, self.config.max_blocks_per_seq
             batch = (i32(B, T), i32(B, T), i32(B, T), i32(B, nbt), i32(B), i32(B))
         else:
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
-        spec_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        spec_of = pl.abstract
         return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
 
     def fingerprint(self, key: GraphKey) -> dict:
@@ -141,14 +145,17 @@ class JaxRunner(ModelRunner):
         return {"graph_version": GRAPH_VERSION, "key": dataclasses.asdict(key), "spec": self.spec.shape_key(),
                 "args": str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), self._abstract_args(key))),
                 "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+                "mesh": self.placement.key.as_dict(),
                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": self.config.env.xla_flags}
 
     def lower(self, key: GraphKey):
         if key.kind == "sample":
-            return jax.jit(_general_sample if key.size else _greedy_sample).lower(*self._abstract_args(key))
+            return jax.jit(_general_sample if key.size else _greedy_sample,
+                           **self.placement.out_shardings("sample")).lower(*self._abstract_args(key))
         fn = _prefill_step if key.kind == "prefill" else _decode_step
         step = partial(fn, self.spec, self.spec.head_dim ** -0.5)
-        return jax.jit(step, donate_argnums=(1, 2)).lower(*self._abstract_args(key))
+        return jax.jit(step, donate_argnums=(1, 2),
+                       **self.placement.out_shardings(key.kind)).lower(*self._abstract_args(key))
 
     def is_cached(self, key: GraphKey) -> bool:
         """Whether the graph cache holds `key` (nothing is loaded or compiled)."""
@@ -160,7 +167,7 @@ class JaxRunner(ModelRunner):
             return "loaded"
         cache_key = fingerprint_key(self.fingerprint(key)) if self.cache else None
         if self.cache is not None:
-            exe = self.cache.load(cache_key)
+            exe = self.cache.load(cache_key, devices=self.placement.devices)
             if exe is not None:
                 self.executables[key] = exe
                 self.graph_memory[key] = self.cache.manifest().get(cache_key, {}).get("memory_bytes", 0)
@@ -210,6 +217,7 @@ class JaxRunner(ModelRunner):
             x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=1, table_width=key.size)
             args = (x.tokens, x.positions, x.slots, x.tables, x.starts)
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
+        args = self.placement.inputs(args)                           # global arrays on a mesh
         self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
         return self._sample(rows, logits, key.batch)
 
@@ -217,11 +225,12 @@ class JaxRunner(ModelRunner):
         """Tokens for the rows from logits [B, V] by the sampler graph of batch B (plain greedy or general)."""
         want_lp = I.logprobs_wanted(rows)
         want_top = np.bool_(want_lp > 0)
+        pl = self.placement
         if all(I.is_plain_greedy(r) for r in rows):
-            res = self._graph_for("sample", B, 0)[1](logits, want_top)
+            res = self._graph_for("sample", B, 0)[1](*pl.inputs((logits, want_top)))
         else:
             st = I.sampling_tensors(rows, batch=B, history_len=self.history_len)
-            res = self._graph_for("sample", B, 1)[1](logits, st, want_top)
+            res = self._graph_for("sample", B, 1)[1](*pl.inputs((logits, st, want_top)))
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)
         top = None
