@@ -38,6 +38,7 @@ from kiln.engine.scheduler import Scheduler
 from kiln.engine.scheduler_output import ScheduledRow
 from kiln.models.spec import ModelSpec
 from kiln.models.tokenizer import Tokenizer
+from kiln.structured.state import StructuredState
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self.structured = StructuredState(getattr(tokenizer, "hf", None), spec.vocab_size, spec.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -109,6 +111,7 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids holds {shown}, outside the vocabulary [0, {self.spec.vocab_size})")
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
+        self.structured.validate(params)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_text: str | None = None) -> str:
@@ -134,6 +137,7 @@ class LLMEngine:
             sample = _Sample(req, detok, out)
             parent.samples.append(sample)
             self._child_to_parent[cid] = (parent, sample)
+            self.structured.add(cid, params)
             self.scheduler.add_request(req)
         self._parents[rid] = parent
         return rid
@@ -172,6 +176,7 @@ class LLMEngine:
         sched = self._scheduler_call(self.scheduler.schedule)
         if sched is None:
             return []
+        self.structured.fill(sched.rows)        # the constrained rows' next-token masks
         results, row_errors = self._execute_isolating(sched, list(range(len(sched.rows))),
                                                       [MAX_EXECUTES_PER_STEP])
         self._failed_steps_in_a_row = 0 if results else self._failed_steps_in_a_row + 1
@@ -275,6 +280,7 @@ class LLMEngine:
         children |= {s.request.request_id for s in parent.samples} if parent is not None else set()
         for cid in children:
             self._child_to_parent.pop(cid, None)
+            self.structured.remove(cid)
             self._scheduler_call(self.scheduler.finish, cid, "error")
 
     def _scheduler_call(self, fn, *args):
@@ -301,6 +307,7 @@ class LLMEngine:
             out.logprobs.append(entry)
             out.cumulative_logprob += logprob
         n_out = len(req.output_token_ids)
+        grammar_done = self.structured.accept(req.request_id, token)
         hit_eos = token in req.eos_token_ids
         if not hit_eos:
             out.text += s.detok.add_tokens([token])
@@ -308,6 +315,8 @@ class LLMEngine:
             self._finish(s, "stop", None if hit_eos else token)
         elif s.detok.stopped_by is not None:
             self._finish(s, "stop", s.detok.stopped_by)
+        elif grammar_done:                      # the grammar has ended: nothing else may follow
+            self._finish(s, "stop")
         elif (params.max_tokens is not None and n_out >= params.max_tokens) or \
                 req.num_tokens >= self.config.scheduler.max_model_len:
             self._finish(s, "length")
@@ -317,6 +326,7 @@ class LLMEngine:
         s.output.finish_reason, s.output.stop_reason = reason, stop_reason
         self._scheduler_call(self.scheduler.finish, s.request.request_id, reason, stop_reason)
         self._child_to_parent.pop(s.request.request_id, None)
+        self.structured.remove(s.request.request_id)
 
     def stats(self) -> dict[str, float]:
         st = dict(self.scheduler.kv.stats())

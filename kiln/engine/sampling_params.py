@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 """Largest number of top logprobs a request may ask for (besides the sampled token's)."""
 
@@ -185,6 +187,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # the output must match this (structured/)
 
     def __post_init__(self) -> None:
         self.verify()
@@ -208,6 +211,9 @@ class SamplingParams:
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
+        if self.structured_outputs is not None:
+            self.structured_outputs.verify()
         if self.top_k == -1:
             self.top_k = 0
 

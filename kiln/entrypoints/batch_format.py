@@ -6,7 +6,8 @@
     LineError     ── error_record ──> {"id", "custom_id", "response": {"status_code": 400, "body": {"error"}}, "error"}
 
 Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
-min_tokens, stop_token_ids, ...). Unknown fields are ignored, as vLLM does; fields that would change the answer
+min_tokens, stop_token_ids, ...; structured outputs as response_format, structured_outputs or guided_*:
+structured/params.from_body). Unknown fields are ignored, as vLLM does; fields that would change the answer
 in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. `model` is accepted and
 ignored: every line goes to the one model the job serves, whose name the response carries.
 
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.structured.params import from_body as structured_from_body
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -180,9 +182,6 @@ def _reject_unsupported(body: dict) -> None:
             raise LineError("invalid_request", f"{key} is not supported")
     if body.get("use_beam_search"):
         raise LineError("invalid_request", "use_beam_search is not supported")
-    rf = body.get("response_format")
-    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise LineError("invalid_request", "response_format other than text is not supported")
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise LineError("invalid_request", "best_of other than n is not supported")
@@ -223,6 +222,7 @@ def _common_params(body: dict, max_tokens: int | None, logprobs: int | None) -> 
         logprobs=logprobs, logit_bias=bias,
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
         skip_special_tokens=_flag(body, "skip_special_tokens", True),
+        structured_outputs=structured_from_body(body),
     )
 
 

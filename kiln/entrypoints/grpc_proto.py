@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError
 
 from kiln.engine.outputs import CompletionOutput, RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsParams
 from kiln.proto import inference_pb2 as pb
 from kiln.serving import errors as E
 from kiln.serving.deltas import DeltaTracker
@@ -59,9 +60,20 @@ def sampling_params_from_proto(m: pb.SamplingParams) -> SamplingParams:
     if m.logit_bias:
         kw["logit_bias"] = dict(m.logit_bias)
     try:
+        kw["structured_outputs"] = structured_from_proto(m)
         return SamplingParams(**kw)
     except ValueError as e:
         raise E.invalid(e) from None
+
+
+def structured_from_proto(m: pb.SamplingParams) -> StructuredOutputsParams | None:
+    """The `structured` oneof as StructuredOutputsParams (ValueError naming the field for a bad one)."""
+    kind = m.WhichOneof("structured")
+    if kind is None:
+        return None
+    value = list(m.choice.choices) if kind == "choice" else getattr(m, kind)
+    ws = m.disable_any_whitespace if m.HasField("disable_any_whitespace") else True
+    return StructuredOutputsParams(**{"json" if kind == "json_schema" else kind: value}, disable_any_whitespace=ws)
 
 
 def messages_from_proto(chat: pb.ChatMessages) -> list[dict[str, str]]:

@@ -124,7 +124,7 @@ class JaxRunner(ModelRunner):
             logits = jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32)
             if not key.size:
                 return logits, flag
-            st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
+            st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len, self.spec.vocab_size)
             return logits, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st), flag
         if key.kind == "prefill":
             T, nbt = key.size, self.config.max_blocks_per_seq
@@ -220,7 +220,7 @@ class JaxRunner(ModelRunner):
         if all(I.is_plain_greedy(r) for r in rows):
             res = self._graph_for("sample", B, 0)[1](logits, want_top)
         else:
-            st = I.sampling_tensors(rows, batch=B, history_len=self.history_len)
+            st = I.sampling_tensors(rows, batch=B, history_len=self.history_len, vocab_size=self.spec.vocab_size)
             res = self._graph_for("sample", B, 1)[1](logits, st, want_top)
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)
