@@ -124,7 +124,11 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             content = ""
         elif not isinstance(content, str):
             raise LineError("invalid_request", f"messages[{i}].content must be a string or a list of text parts")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):      # tool conversations, for the chat template
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 

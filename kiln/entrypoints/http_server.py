@@ -187,6 +187,10 @@ class HttpServer:
                 raise E.NotFound(f"The model `{model}` does not exist; this server serves "
                                  f"`{self.core.model_name}` (GET /v1/models)", "model")
             prompts, params = O.parse_body(body, chat)
+            tools = None
+            if chat:
+                prompts, tools = O.parse_tools(body, prompts, params, engine.tokenizer.chat_template,
+                                               self.core.opts.tool_call_parser)
             req = self.core.submit(prompts, params, id_prefix="chatcmpl" if chat else "cmpl")
         except E.ServingError as e:
             e = O.chat_field(e, chat)
@@ -197,7 +201,7 @@ class HttpServer:
         decode = functools.lru_cache(maxsize=4096)(lambda t: engine.tokenizer.decode([t], skip_special_tokens=False))
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _SSEResponse(self._events(path, req, O.Chunks(chat, params, head, decode), usage), req.close,
+            return _SSEResponse(self._events(path, req, O.Chunks(chat, params, head, decode, tools), usage), req.close,
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             finals = await self._collect(request, req)
@@ -208,7 +212,8 @@ class HttpServer:
             self.core.count(path, str(O.http_status(e)))
             return self._error(O.chat_field(e, chat))
         self.core.count(path, "200")
-        return JSONResponse(O.response(chat, prompts, params, finals, head=head, decode=decode))
+        return JSONResponse(O.response(chat, prompts, params, finals, head=head, decode=decode,
+                                       tools=tools))
 
     async def _collect(self, request: Request, req) -> dict:
         """Run to the end; if the client disconnects first, close the request (abort) and raise _ClientGone."""
