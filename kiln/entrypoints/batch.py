@@ -126,6 +126,10 @@ class _Job:
     # one request
     async def _serve(self, req: F.BatchRequest) -> None:
         rid = self._rid(req.lineno)
+        if req.model is not None and req.model != self.model:
+            self._error(req.lineno, req.custom_id, "model_not_found",
+                        f"The model `{req.model[:200]}` does not exist; this job serves `{self.model}`", 404)
+            return
         try:
             final = (await self.core.submit([req.prompt], req.params, request_id=rid).finals())[0]
             body = F.response_body(req, final, model=self.model, created=self.created, decode=self.decode,

@@ -8,8 +8,9 @@
 Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
 min_tokens, stop_token_ids, ...; structured outputs as response_format, structured_outputs or guided_*:
 structured/params.from_body). Unknown fields are ignored, as vLLM does; fields that would change the answer
-in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. `model` is accepted and
-ignored: every line goes to the one model the job serves, whose name the response carries.
+in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. A line whose `model` is
+not the model the job serves gets the HTTP API's 404 `model_not_found` record (as vLLM's run-batch); a line
+without `model` goes to it.
 
 Every record's `id` is `batch_req_<job>_<line>`: the input line number it answers is part of the id, so that
 `--resume` can match records to lines exactly even where custom_ids repeat or are missing.
@@ -47,6 +48,7 @@ class BatchRequest:
     prompt: str | list[int] | list[dict[str, str]]   # completion text / token ids, or chat messages
     params: SamplingParams
     echo: bool = False                          # completions: put the prompt text before the completion
+    model: str | None = None                    # the body's `model`, checked against the served one
 
 
 # -- input ----------------------------------------------------------------------------------------
@@ -92,7 +94,8 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
             prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
             if echo and params.logprobs is not None:
                 raise LineError("invalid_request", "echo together with logprobs is not supported")
-        return BatchRequest(lineno, cid, url, prompt, params, echo)
+        model = body.get("model")
+        return BatchRequest(lineno, cid, url, prompt, params, echo, model if isinstance(model, str) else None)
     except LineError as e:
         e.custom_id = cid
         raise
