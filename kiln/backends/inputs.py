@@ -79,6 +79,34 @@ def prepare_step(rows: Sequence[ScheduledRow], *, block_size: int, batch: int, s
     return StepInputs(tokens, positions, slots, tables, starts, lens, len(rows))
 
 
+def prompt_targets(rows: Sequence[ScheduledRow], *, batch: int, seq_len: int) -> np.ndarray:
+    """[B, T] i32: position j of row i is scored against the prompt token after it (token_ids[j + 1], then
+    next_token_id after the chunk); -1 where there is none or the row did not ask for prompt logprobs."""
+    out = np.full((batch, seq_len), -1, np.int32)
+    for i, r in enumerate(rows):
+        if r.sampling_params.prompt_logprobs is None:
+            continue
+        n = len(r.token_ids)
+        out[i, :n - 1] = r.token_ids[1:]
+        out[i, n - 1] = r.next_token_id
+    return out
+
+
+def prompt_logprob_entries(rows: Sequence[ScheduledRow], targets: np.ndarray, target_lp: np.ndarray,
+                           top_ids: np.ndarray, top_lp: np.ndarray) -> list:
+    """StepResult.prompt_logprobs from [B, T] target logprobs and [B, T, K] top ones."""
+    out = []
+    for i, r in enumerate(rows):
+        k = r.sampling_params.prompt_logprobs
+        if k is None:
+            out.append(None)
+            continue
+        out.append([None if targets[i, j] < 0 else
+                    (float(target_lp[i, j]), list(zip(top_ids[i, j, :k].tolist(), top_lp[i, j, :k].tolist())))
+                    for j in range(len(r.token_ids))])
+    return out
+
+
 # -- sampling parameters ----------------------------------------------------------------------------------
 class SamplingTensors(NamedTuple):
     """Per-row sampling parameters for one batch (a pytree: numpy on the host, jax arrays in a JAX graph)."""

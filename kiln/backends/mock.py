@@ -76,9 +76,22 @@ class MockRunner(ModelRunner):
         top = None
         if want is not None:
             top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
+        plp = None
+        if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in step.rows):
+            plp = [self._prompt_logprobs(r) for r in step.rows]
         # no padding: every computed token is a real one
         self._stats.add_step(f"{step.kind}(batch={len(step.rows)})", step.num_tokens, step.num_tokens)
-        return StepResult(tokens, [mock_logprob(t) for t in tokens], top)
+        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp)
+
+    def _prompt_logprobs(self, row):
+        """Position j's target t (the next prompt token) scores mock_logprob(t); its top-k are t + m, each m
+        lower."""
+        k = row.sampling_params.prompt_logprobs
+        if k is None:
+            return None
+        targets = list(row.token_ids[1:]) + [row.next_token_id]
+        return [None if t < 0 else (mock_logprob(t), [((t + m) % self.vocab, mock_logprob(t) - m)
+                                                      for m in range(k)]) for t in targets]
 
     def warmup(self, *, check_only: bool = False, show_progress: bool = True):
         from kiln.compile.warmup import WarmupReport

@@ -48,6 +48,7 @@ class BatchRequest:
     prompt: str | list[int] | list[dict[str, str]]   # completion text / token ids, or chat messages
     params: SamplingParams
     echo: bool = False                          # completions: put the prompt text before the completion
+    echo_only: bool = False                     # echo with max_tokens 0: the prompt alone
     model: str | None = None                    # the body's `model`, checked against the served one
 
 
@@ -92,10 +93,9 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
             prompt, params, echo = chat_messages(body), chat_params(body), False
         else:
             prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
-            if echo and params.logprobs is not None:
-                raise LineError("invalid_request", "echo together with logprobs is not supported")
         model = body.get("model")
-        return BatchRequest(lineno, cid, url, prompt, params, echo, model if isinstance(model, str) else None)
+        return BatchRequest(lineno, cid, url, prompt, params, echo, echo_only(body) if echo else False,
+                            model if isinstance(model, str) else None)
     except LineError as e:
         e.custom_id = cid
         raise
@@ -184,7 +184,7 @@ def _flag(body: dict, key: str, default: bool) -> bool:
 def _reject_unsupported(body: dict) -> None:
     if body.get("stream"):
         raise LineError("invalid_request", "stream is not supported in a batch job")
-    for key in ("tools", "functions", "suffix", "prompt_logprobs"):
+    for key in ("tools", "functions", "suffix"):
         if body.get(key):
             raise LineError("invalid_request", f"{key} is not supported")
     if body.get("use_beam_search"):
@@ -230,6 +230,7 @@ def _common_params(body: dict, max_tokens: int | None, logprobs: int | None) -> 
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
         skip_special_tokens=_flag(body, "skip_special_tokens", True),
         structured_outputs=structured_from_body(body),
+        prompt_logprobs=_number(body, "prompt_logprobs", int, None),
     )
 
 
@@ -251,7 +252,20 @@ def completion_params(body: dict) -> SamplingParams:
     v = body.get("logprobs")
     if isinstance(v, bool):
         raise LineError("invalid_request", f"logprobs must be an integer for {COMPLETIONS_URL}, got {v!r}")
-    return _common_params(body, _number(body, "max_tokens", int, 16), _number(body, "logprobs", int, None))
+    max_tokens, logprobs = _number(body, "max_tokens", int, 16), _number(body, "logprobs", int, None)
+    echo = _flag(body, "echo", False)
+    if echo and max_tokens == 0:
+        max_tokens = 1                    # the prompt alone (echo_only): the one token generated is dropped
+    params = _common_params(body, max_tokens, logprobs)
+    if echo and logprobs is not None and (params.prompt_logprobs or 0) < logprobs:
+        params.prompt_logprobs = logprobs  # the echoed prompt's logprobs, computed in its prefill steps
+    return params
+
+
+def echo_only(body: dict) -> bool:
+    """`echo` with `max_tokens: 0`: answer with the prompt (and its logprobs) only, as lm-eval's loglikelihood
+    requests ask."""
+    return bool(body.get("echo")) and body.get("max_tokens") == 0
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -298,18 +312,39 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], 
             "text_offset": offsets}
 
 
+def echo_logprobs(out: RequestOutput, lp: dict, k: int, decode: Callable[[int], str]) -> dict:
+    """Completion logprobs with the prompt's before them: its first token has none (null), as in vLLM."""
+    ids, plp = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    tokens = [decode(t) for t in ids]
+    offsets, off = [], 0
+    for t in tokens:
+        offsets.append(off)
+        off += len(t)
+    return {"tokens": tokens + lp["tokens"],
+            "token_logprobs": [None if e is None else _lp(e[t]) for t, e in zip(ids, plp)] + lp["token_logprobs"],
+            "top_logprobs": [None if e is None else {decode(a): _lp(b) for a, b in _top(e, k)} for e in plp]
+            + lp["top_logprobs"],
+            "text_offset": offsets + [o + off for o in lp["text_offset"]]}
+
+
 def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id: str, created: int,
                   decode: Callable[[int], str]) -> dict:
     """The chat.completion / text_completion object of one finished request."""
     chat = req.url == CHAT_URL
     k = req.params.logprobs
-    prefix = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+    prefix = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else \
+        "".join(decode(t) for t in out.prompt_token_ids)
     choices = []
     for c in out.outputs:
+        if req.echo_only:
+            c = dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                                    finish_reason="length")
         lp = None
         if k is not None and c.logprobs is not None:
             lp = chat_logprobs(c.token_ids, c.logprobs, k, decode) if chat else \
                 completion_logprobs(c.token_ids, c.logprobs, k, decode)
+            if req.echo and not chat:
+                lp = echo_logprobs(out, lp, k, decode)
         choice: dict[str, Any] = {"index": c.index}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
@@ -317,7 +352,8 @@ def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id:
             choice["text"] = prefix + c.text
         choice.update(logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         choices.append(choice)
-    n_in, n_out = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
+    n_in = len(out.prompt_token_ids)
+    n_out = 0 if req.echo_only else sum(len(c.token_ids) for c in out.outputs)
     return {"id": body_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}

@@ -261,7 +261,7 @@ class HttpServer:
             return self._error(O.chat_field(e, chat))
         self.core.count(path, "200")
         return JSONResponse(O.response(chat, prompts, params, finals, head=head, decode=decode,
-                                       tools=tools))
+                                       tools=tools, body=body))
 
     async def _collect(self, request: Request, req) -> dict:
         """Run to the end; if the client disconnects first, close the request (abort) and raise _ClientGone."""

@@ -79,8 +79,10 @@ def chat_field(error: E.ServingError, chat: bool) -> E.ServingError:
 
 def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
     """(prompts, SamplingParams) of a request body; raises InvalidRequest naming the field."""
-    if body.get("echo"):
-        raise E.InvalidRequest("echo is not supported", "echo")
+    if body.get("echo") and chat:
+        raise E.InvalidRequest("echo is for /v1/completions", "echo")
+    if body.get("echo") and body.get("stream"):
+        raise E.InvalidRequest("echo with stream is not supported", "echo")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise E.InvalidRequest(f"stream_options must be an object, got {opts!r}", "stream_options")
@@ -187,12 +189,13 @@ class Chunks:
 
 
 def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int, RequestOutput], *, head: dict,
-             decode: Callable[[int], str], tools: T.ToolUse | None = None) -> dict:
+             decode: Callable[[int], str], tools: T.ToolUse | None = None, body: dict | None = None) -> dict:
     """The chat.completion / text_completion body of a finished request (every prompt, every sample)."""
     url = F.CHAT_URL if chat else F.COMPLETIONS_URL
     choices = []
     for i in sorted(finals):
-        req = F.BatchRequest(0, "", url, prompts[i], params)
+        echo = bool((body or {}).get("echo")) and not chat
+        req = F.BatchRequest(0, "", url, prompts[i], params, echo, echo and F.echo_only(body))
         one = F.response_body(req, finals[i], model=head["model"], body_id=head["id"], created=head["created"],
                               decode=decode)
         for c in one["choices"]:

@@ -35,6 +35,7 @@ class TorchRunner(ModelRunner):
 
     name = "torch"
     compiled_kinds = ()                                         # nothing is compiled per shape
+    supports_prompt_logprobs = False                            # torch/model.py computes the last position only
 
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
