@@ -28,6 +28,11 @@ MAX_STOP_IDS = 16
 """Most eos + stop_token_ids suppressed while min_tokens is not reached (the width of SamplingTensors.stop_ids)."""
 
 
+def resolve_bitmask(mask):
+    """A row's token_bitmask as an array: the engine may hand a Future of it, filled while the model runs."""
+    return mask.result() if hasattr(mask, "result") else mask
+
+
 def is_plain_greedy(row: ScheduledRow) -> bool:
     """A row the bare argmax serves exactly (no penalty, bias or active min_tokens)."""
     sp = row.sampling_params
@@ -168,6 +173,7 @@ def build_sampling_tensors(params_list: Sequence[SamplingParams | None], histori
     min_tokens_active, stop_ids = np.zeros(B, np.bool_), np.full((B, MAX_STOP_IDS), -1, np.int32)
     bitmask = np.full((B, (vocab_size + 31) // 32), -1, np.int32)
     for i, m in enumerate(bitmasks):
+        m = resolve_bitmask(m)
         if m is not None:
             if bitmask.shape[1] != len(m):
                 raise ValueError(f"row {i}'s token bitmask has {len(m)} words; the batch has {bitmask.shape[1]}")

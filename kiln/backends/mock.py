@@ -48,7 +48,7 @@ class MockRunner(ModelRunner):
             tok = (tok + row.seed * 1000003 + row.output_index * 7919) % V
         bias = sp.logit_bias or {}
         best = max(bias.values(), default=0.0)
-        mask = row.token_bitmask
+        mask = row.token_bitmask.result() if hasattr(row.token_bitmask, "result") else row.token_bitmask
         ok = (lambda t: True) if mask is None else (lambda t: bool((int(mask[t >> 5]) >> (t & 31)) & 1))
         if best > 0 and any(ok(t) for t, b in bias.items() if b == best):
             tok = min(t for t, b in bias.items() if b == best and ok(t))

@@ -3,17 +3,20 @@ calls at admission, before each step, on each sampled token and when a sample en
 
     validate(params)        compile (or find in the cache) the request's grammar: ValueError for a bad one
     add(sample id, params)  a fresh matcher for the sample
-    fill(rows)              rows that sample and are constrained get `token_bitmask` (their next-token mask)
+    fill(rows)              rows that sample and are constrained get `token_bitmask`: a Future of their
+                            next-token mask, filled by a worker thread while the step's model part runs
     accept(sample id, tok)  advance; True when the grammar has terminated (the sample is done); RuntimeError for
                             a token the grammar refuses (only a sampler that ignored the mask can produce one)
     remove(sample id)
 
-The masks of a step are filled on the host just before the step runs: a row's mask needs the token the
-previous step sampled, and the engine is synchronous, so there is nothing to overlap them with; they cost
-~10 us per constrained row (grammar.py).
+A row's mask needs the token the previous step sampled, so it cannot be computed earlier than the step; but
+the model step does not need it, only the sampler after it: `fill` hands the rows Futures, one worker thread
+fills them (xgrammar releases the GIL) while the runner runs the model, and the runner's sampler waits for them
+(backends/inputs.resolve_bitmask). Every pending fill is waited for before a matcher moves on (`accept`).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 from kiln.structured.grammar import Grammars, Matcher
@@ -23,6 +26,8 @@ class StructuredState:
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]):
         self.grammars = Grammars(hf_tokenizer, vocab_size, stop_token_ids)
         self._matchers: dict[str, Matcher] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def validate(self, params) -> None:
         if params.structured_outputs is not None:
@@ -35,12 +40,23 @@ class StructuredState:
     def fill(self, rows) -> None:
         if not self._matchers:
             return
+        self._settle()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-grammar")
         for r in rows:
             m = self._matchers.get(r.request_id)
             if m is not None and r.sample:
-                r.token_bitmask = m.fill()
+                r.token_bitmask = self._pool.submit(m.fill)
+                self._pending.append(r.token_bitmask)
+
+    def _settle(self) -> None:
+        """Wait for the fills in flight (a matcher is never advanced while its mask is being filled)."""
+        for f in self._pending:
+            f.exception()
+        self._pending.clear()
 
     def accept(self, sample_id: str, token: int) -> bool:
+        self._settle()
         m = self._matchers.get(sample_id)
         if m is None:
             return False
