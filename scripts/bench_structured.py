@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--modes", nargs="+", default=["unconstrained", "json_schema"],
+                    choices=["unconstrained", "json_schema"], help="which runs, in this order")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per configuration; the fastest counts")
     a = ap.parse_args()
     eng = build_engine(a.model, dtype=a.dtype, backend=a.backend, max_model_len=256,
@@ -51,7 +53,8 @@ def main() -> None:
     rows = []
     for B in a.batches:
         prompts = [chat] * B
-        for name, sp in (("unconstrained", plain), ("json_schema", constrained)):
+        for name in a.modes:
+            sp = plain if name == "unconstrained" else constrained
             run(eng, prompts, sp)                          # compile / warm
             toks, dt = min((run(eng, prompts, sp) for _ in range(a.repeat)), key=lambda r: r[1])
             rows.append({"batch": B, "mode": name, "tokens": toks, "seconds": round(dt, 3),

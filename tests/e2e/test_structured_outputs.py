@@ -104,3 +104,24 @@ def test_regex_choice_and_a_bad_schema(servers):
                                   temperature=0)
     assert r.choices[0].message.content
     wait_idle(servers.engine_)
+
+
+def test_required_and_named_tool_choices_parse_on_the_model(servers):
+    c = openai.OpenAI(base_url=f"{servers.base}/v1", api_key="none", max_retries=0, timeout=600)
+    weather = {"type": "object", "properties": {"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                               "parameters": weather}}]
+    msgs = chat("What is the weather in Paris?")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    def one(choice):
+        return c.chat.completions.create(model=MODEL, messages=msgs, tools=tools, tool_choice=choice,
+                                         parallel_tool_calls=False, max_tokens=48, temperature=0)
+    with ThreadPoolExecutor(2) as ex:
+        replies = list(ex.map(one, ["required", named]))
+    for r in replies:
+        (tc,) = r.choices[0].message.tool_calls
+        assert tc.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(tc.function.arguments), weather)
+    wait_idle(servers.engine_)

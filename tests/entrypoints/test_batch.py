@@ -90,7 +90,7 @@ def test_completion_line_to_params():
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logprobs": 50}), "invalid_request", "logprobs must be in"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logprobs": True}), "invalid_request", "integer"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "stream": True}), "invalid_request", "stream"),
-    (line("x", F.COMPLETIONS_URL, {"prompt": "a", "echo": True, "logprobs": 1}), "invalid_request", "echo"),
+    (line("x", F.COMPLETIONS_URL, {"prompt": "a", "suffix": "b"}), "invalid_request", "suffix"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logit_bias": {"a": 1}}), "invalid_request", "logit_bias"),
     (line("x", F.CHAT_URL, {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}),
      "invalid_request", "top_logprobs needs logprobs"),
