@@ -8,7 +8,8 @@
 Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
 min_tokens, stop_token_ids, ...; structured outputs as response_format, structured_outputs or guided_*:
 structured/params.from_body). Unknown fields are ignored, as vLLM does; fields that would change the answer
-in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. A line whose `model` is
+in a way kiln cannot honour (stream, suffix, best_of != n, ...) are rejected; chat tools
+are parsed by openai_protocol.parse_tools when the line is served. A line whose `model` is
 not the model the job serves gets the HTTP API's 404 `model_not_found` record (as vLLM's run-batch); a line
 without `model` goes to it.
 
@@ -29,6 +30,7 @@ from kiln.structured.params import from_body as structured_from_body
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 URLS = (CHAT_URL, COMPLETIONS_URL)
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")   # read by openai_protocol.parse_tools
 MIN_LOGPROB = -9999.0        # -inf is not JSON; vLLM clamps the same way
 
 
@@ -50,6 +52,7 @@ class BatchRequest:
     echo: bool = False                          # completions: put the prompt text before the completion
     echo_only: bool = False                     # echo with max_tokens 0: the prompt alone
     model: str | None = None                    # the body's `model`, checked against the served one
+    tools: dict | None = None                   # chat: the body's tools, tool_choice, parallel_tool_calls
 
 
 # -- input ----------------------------------------------------------------------------------------
@@ -89,13 +92,16 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
         body = obj.get("body")
         if not isinstance(body, dict):
             raise LineError("invalid_request", f"body must be a JSON object, got {_kind(body)}")
+        tools = None
         if url == CHAT_URL:
+            tools = {k: body[k] for k in TOOL_FIELDS if k in body} or None
+            body = {k: v for k, v in body.items() if k not in TOOL_FIELDS}
             prompt, params, echo = chat_messages(body), chat_params(body), False
         else:
             prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
         model = body.get("model")
         return BatchRequest(lineno, cid, url, prompt, params, echo, echo_only(body) if echo else False,
-                            model if isinstance(model, str) else None)
+                            model if isinstance(model, str) else None, tools)
     except LineError as e:
         e.custom_id = cid
         raise

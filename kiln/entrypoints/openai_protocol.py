@@ -188,6 +188,14 @@ class Chunks:
         return dict(self.head, choices=[], usage=Usage.of(finals.values()).openai())
 
 
+def tool_choices(choices: list[dict], tools: T.ToolUse) -> None:
+    """Chat choices with their output parsed into tool_calls (finish_reason tool_calls when there are any)."""
+    for c in choices:
+        c["message"], made = T.message(tools, c["message"]["content"])
+        if made and c["finish_reason"] == "stop":
+            c["finish_reason"] = "tool_calls"
+
+
 def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int, RequestOutput], *, head: dict,
              decode: Callable[[int], str], tools: T.ToolUse | None = None, body: dict | None = None) -> dict:
     """The chat.completion / text_completion body of a finished request (every prompt, every sample)."""
@@ -200,11 +208,9 @@ def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int
                               decode=decode)
         for c in one["choices"]:
             c["index"] = i * params.n + c["index"]
-            if chat and tools is not None:
-                c["message"], made = T.message(tools, c["message"]["content"])
-                if made and c["finish_reason"] == "stop":
-                    c["finish_reason"] = "tool_calls"
             choices.append(c)
+    if chat and tools is not None:
+        tool_choices(choices, tools)
     return {"id": head["id"], "object": "chat.completion" if chat else "text_completion",
             "created": head["created"], "model": head["model"], "choices": choices,
             "usage": Usage.of(finals.values()).openai()}

@@ -153,3 +153,26 @@ def test_auto_returns_tool_calls_when_the_output_holds_one(server):
         c.chat.completions.create(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice="required",
                                   response_format={"type": "json_object"})
     assert e.value.body["param"] == "tool_choice"
+
+
+def test_batch_lines_with_tools(tmp_path):
+    from kiln.entrypoints import batch as B
+    eng = mock_engine(max_model_len=2048, num_blocks=1024)
+    inp = tmp_path / "in.jsonl"
+    body = {"messages": MSGS, "tools": TOOLS, "max_tokens": 100, "temperature": 0}
+    inp.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"custom_id": "named", "url": "/v1/chat/completions", "body": dict(body, tool_choice={
+            "type": "function", "function": {"name": "get_time"}})},
+        {"custom_id": "required", "url": "/v1/chat/completions", "body": dict(body, tool_choice="required",
+                                                                             parallel_tool_calls=False)},
+        {"custom_id": "bad", "url": "/v1/chat/completions", "body": dict(body, tool_choice="sometimes")}]))
+    B.run_batch(eng, str(inp), tmp_path / "out.jsonl", progress=False)
+    recs = {r["custom_id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    for cid in ("named", "required"):
+        ch = recs[cid]["response"]["body"]["choices"][0]
+        (tc,) = ch["message"]["tool_calls"]
+        assert ch["finish_reason"] == "tool_calls"
+        jsonschema.validate(json.loads(tc["function"]["arguments"]), SCHEMAS[tc["function"]["name"]])
+    assert recs["named"]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == \
+        "get_time"
+    assert recs["bad"]["response"]["status_code"] == 400 and "tool_choice" in recs["bad"]["error"]["message"]
