@@ -263,7 +263,7 @@ def completion_params(body: dict) -> SamplingParams:
     if echo and max_tokens == 0:
         max_tokens = 1                    # the prompt alone (echo_only): the one token generated is dropped
     params = _common_params(body, max_tokens, logprobs)
-    if echo and logprobs is not None and (params.prompt_logprobs or 0) < logprobs:
+    if echo and logprobs is not None and (params.prompt_logprobs is None or params.prompt_logprobs < logprobs):
         params.prompt_logprobs = logprobs  # the echoed prompt's logprobs, computed in its prefill steps
     return params
 
@@ -357,6 +357,10 @@ def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id:
         else:
             choice["text"] = prefix + c.text
         choice.update(logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        if out.prompt_logprobs is not None and req.params.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = [None if e is None else {   # vLLM's shape: token id -> logprob
+                str(t): {"logprob": _lp(v), "decoded_token": decode(t)} for t, v in e.items()}
+                for e in out.prompt_logprobs]
         choices.append(choice)
     n_in = len(out.prompt_token_ids)
     n_out = 0 if req.echo_only else sum(len(c.token_ids) for c in out.outputs)

@@ -39,6 +39,9 @@ def test_echo_with_logprobs_and_max_tokens_zero(servers):
     r = c.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=0, max_tokens=3, temperature=0)
     ch = r.choices[0]
     assert ch.text.startswith(PROMPT) and len(ch.logprobs.tokens) == len(ids) + 3
+    assert ch.logprobs.token_logprobs[:len(ids)] == [None] + [mock_logprob(t) for t in ids[1:]]
+    assert [None if e is None else e[str(t)]["logprob"] for t, e in zip(ids, ch.model_extra["prompt_logprobs"])] \
+        == [None] + [mock_logprob(t) for t in ids[1:]]
     r = c.completions.create(model=MODEL, prompt=PROMPT, echo=True, max_tokens=2, temperature=0)
     assert r.choices[0].text.startswith(PROMPT) and r.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError):
