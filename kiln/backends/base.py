@@ -32,6 +32,10 @@ class StepResult:
     tokens: list[int]                          # the sampled token of each row
     logprobs: list[float]                      # its logprob under the raw logits (0.0 when no row asked)
     top: list[list[tuple[int, float]]] | None  # per row top-N (token, logprob), when some row asked
+    # prompt logprobs, per row: None, or per chunk position j the (logprob of the next prompt token, top-N of
+    # that position) -- rows whose SamplingParams.prompt_logprobs is set; the chunk's last position only when
+    # next_token_id >= 0
+    prompt_logprobs: list | None = None
 
 
 @dataclasses.dataclass

@@ -28,10 +28,16 @@ MAX_STOP_IDS = 16
 """Most eos + stop_token_ids suppressed while min_tokens is not reached (the width of SamplingTensors.stop_ids)."""
 
 
+def resolve_bitmask(mask):
+    """A row's token_bitmask as an array: the engine may hand a Future of it, filled while the model runs."""
+    return mask.result() if hasattr(mask, "result") else mask
+
+
 def is_plain_greedy(row: ScheduledRow) -> bool:
     """A row the bare argmax serves exactly (no penalty, bias or active min_tokens)."""
     sp = row.sampling_params
-    return sp.greedy and not sp.has_penalties and not sp.logit_bias and row.output_index >= sp.min_tokens
+    return sp.greedy and not sp.has_penalties and not sp.logit_bias and row.output_index >= sp.min_tokens \
+        and row.token_bitmask is None
 
 
 def logprobs_wanted(rows: Sequence[ScheduledRow]) -> int:
@@ -78,6 +84,34 @@ def prepare_step(rows: Sequence[ScheduledRow], *, block_size: int, batch: int, s
     return StepInputs(tokens, positions, slots, tables, starts, lens, len(rows))
 
 
+def prompt_targets(rows: Sequence[ScheduledRow], *, batch: int, seq_len: int) -> np.ndarray:
+    """[B, T] i32: position j of row i is scored against the prompt token after it (token_ids[j + 1], then
+    next_token_id after the chunk); -1 where there is none or the row did not ask for prompt logprobs."""
+    out = np.full((batch, seq_len), -1, np.int32)
+    for i, r in enumerate(rows):
+        if r.sampling_params.prompt_logprobs is None:
+            continue
+        n = len(r.token_ids)
+        out[i, :n - 1] = r.token_ids[1:]
+        out[i, n - 1] = r.next_token_id
+    return out
+
+
+def prompt_logprob_entries(rows: Sequence[ScheduledRow], targets: np.ndarray, target_lp: np.ndarray,
+                           top_ids: np.ndarray, top_lp: np.ndarray) -> list:
+    """StepResult.prompt_logprobs from [B, T] target logprobs and [B, T, K] top ones."""
+    out = []
+    for i, r in enumerate(rows):
+        k = r.sampling_params.prompt_logprobs
+        if k is None:
+            out.append(None)
+            continue
+        out.append([None if targets[i, j] < 0 else
+                    (float(target_lp[i, j]), list(zip(top_ids[i, j, :k].tolist(), top_lp[i, j, :k].tolist())))
+                    for j in range(len(r.token_ids))])
+    return out
+
+
 # -- sampling parameters ----------------------------------------------------------------------------------
 class SamplingTensors(NamedTuple):
     """Per-row sampling parameters for one batch (a pytree: numpy on the host, jax arrays in a JAX graph)."""
@@ -96,6 +130,8 @@ class SamplingTensors(NamedTuple):
     prompt_lens: np.ndarray  # [B] i32 history[b, :prompt_lens[b]] is the prompt, the rest output
     min_tokens_active: np.ndarray  # [B] bool, True while the row must not emit its stop_ids
     stop_ids: np.ndarray  # [B, MAX_STOP_IDS] i32 the row's eos + stop_token_ids, -1 = unused
+    bitmask: np.ndarray  # [B, W] i32 allowed tokens (bit t % 32 of word t // 32), -1 = all; W = ceil(V / 32),
+                         # 0 when the batch was built without a vocabulary size (then nothing is masked)
 
 
 def check_supported(params: SamplingParams, num_eos_ids: int = 1) -> None:
@@ -114,14 +150,15 @@ def check_supported(params: SamplingParams, num_eos_ids: int = 1) -> None:
 
 def build_sampling_tensors(params_list: Sequence[SamplingParams | None], histories: Sequence[Sequence[int] | None],
                            prompt_lens: Sequence[int], eos_ids: Sequence[Sequence[int]], steps: Sequence[int],
-                           seeds: Sequence[int], batch_size: int, history_len: int) -> SamplingTensors:
+                           seeds: Sequence[int], batch_size: int, history_len: int, vocab_size: int = 0,
+                           bitmasks: Sequence[np.ndarray | None] = ()) -> SamplingTensors:
     """Pack the batch's parameters into numpy arrays padded to `batch_size` rows.
 
     Row i uses `params_list[i]` (None: a padding row, greedy with no penalties); `histories[i]` is its prompt
     then output ids (read only if the row has penalties; the last `history_len` are kept), `steps[i]` the
     number of tokens it generated so far and `seeds[i]` its seed (the engine draws one when params.seed is None).
     `eos_ids[i]` are row i's own end-of-sequence ids, suppressed with its stop_token_ids while min_tokens is not
-    reached (unless ignore_eos).
+    reached (unless ignore_eos). `bitmasks[i]` [ceil(vocab_size / 32)] i32 (or None) is row i's grammar mask.
     """
     n = len(params_list)
     if n > batch_size:
@@ -134,6 +171,13 @@ def build_sampling_tensors(params_list: Sequence[SamplingParams | None], histori
     bias_ids, bias_values = np.full((B, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((B, MAX_LOGIT_BIAS), np.float32)
     history, prompt_len_arr = np.full((B, history_len), -1, np.int32), np.zeros(B, np.int32)
     min_tokens_active, stop_ids = np.zeros(B, np.bool_), np.full((B, MAX_STOP_IDS), -1, np.int32)
+    bitmask = np.full((B, (vocab_size + 31) // 32), -1, np.int32)
+    for i, m in enumerate(bitmasks):
+        m = resolve_bitmask(m)
+        if m is not None:
+            if bitmask.shape[1] != len(m):
+                raise ValueError(f"row {i}'s token bitmask has {len(m)} words; the batch has {bitmask.shape[1]}")
+            bitmask[i] = m
 
     for i, p in enumerate(params_list):
         if p is None:
@@ -159,11 +203,13 @@ def build_sampling_tensors(params_list: Sequence[SamplingParams | None], histori
             prompt_len_arr[i] = max(prompt_lens[i] - cut, 0)
 
     return SamplingTensors(temperature, top_k, top_p, min_p, presence, frequency, repetition, seed_arr, step_arr,
-                           bias_ids, bias_values, history, prompt_len_arr, min_tokens_active, stop_ids)
+                           bias_ids, bias_values, history, prompt_len_arr, min_tokens_active, stop_ids, bitmask)
 
 
-def sampling_tensors(rows: Sequence[ScheduledRow], *, batch: int, history_len: int) -> SamplingTensors:
-    """`build_sampling_tensors` for scheduled rows, each with its own eos ids, seed and output index."""
+def sampling_tensors(rows: Sequence[ScheduledRow], *, batch: int, history_len: int,
+                     vocab_size: int = 0) -> SamplingTensors:
+    """`build_sampling_tensors` for scheduled rows, each with its own eos ids, seed, output index and mask."""
     return build_sampling_tensors([r.sampling_params for r in rows], [r.history for r in rows],
                                   [r.prompt_len for r in rows], [r.eos_token_ids for r in rows],
-                                  [r.output_index for r in rows], [r.seed for r in rows], batch, history_len)
+                                  [r.output_index for r in rows], [r.seed for r in rows], batch, history_len,
+                                  vocab_size, [r.token_bitmask for r in rows])

@@ -7,6 +7,7 @@ last scheduled token and `pos` its position. On top of that, with the engine's s
 - a positive `logit_bias` entry wins outright (the largest bias, then the smallest id); a token with a negative
   bias is skipped (the next id is taken);
 - while `output_index < min_tokens`, the row's eos ids and `stop_token_ids` are skipped the same way;
+- a row's grammar bitmask (structured outputs) is obeyed the same way: a token it does not allow is skipped;
 - the sampled token's logprob is `mock_logprob(token)` = -0.25 * (1 + token % 4), and the top-N list is the
   sampled token then the next ids, each 1.0 lower.
 `fault` (a callable given the step) may raise to inject a failure; `step_seconds` slows every step down.
@@ -47,13 +48,15 @@ class MockRunner(ModelRunner):
             tok = (tok + row.seed * 1000003 + row.output_index * 7919) % V
         bias = sp.logit_bias or {}
         best = max(bias.values(), default=0.0)
-        if best > 0:
-            tok = min(t for t, b in bias.items() if b == best)
+        mask = row.token_bitmask.result() if hasattr(row.token_bitmask, "result") else row.token_bitmask
+        ok = (lambda t: True) if mask is None else (lambda t: bool((int(mask[t >> 5]) >> (t & 31)) & 1))
+        if best > 0 and any(ok(t) for t, b in bias.items() if b == best):
+            tok = min(t for t, b in bias.items() if b == best and ok(t))
         banned = {t for t, b in bias.items() if b < 0}
         if row.output_index < sp.min_tokens:
             banned |= set(row.eos_token_ids) | set(sp.stop_token_ids or ())
         for _ in range(V):
-            if tok not in banned:
+            if tok not in banned and ok(tok):
                 break
             tok = (tok + 1) % V
         return tok
@@ -73,9 +76,22 @@ class MockRunner(ModelRunner):
         top = None
         if want is not None:
             top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
+        plp = None
+        if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in step.rows):
+            plp = [self._prompt_logprobs(r) for r in step.rows]
         # no padding: every computed token is a real one
         self._stats.add_step(f"{step.kind}(batch={len(step.rows)})", step.num_tokens, step.num_tokens)
-        return StepResult(tokens, [mock_logprob(t) for t in tokens], top)
+        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp)
+
+    def _prompt_logprobs(self, row):
+        """Position j's target t (the next prompt token) scores mock_logprob(t); its top-k are t + m, each m
+        lower."""
+        k = row.sampling_params.prompt_logprobs
+        if k is None:
+            return None
+        targets = list(row.token_ids[1:]) + [row.next_token_id]
+        return [None if t < 0 else (mock_logprob(t), [((t + m) % self.vocab, mock_logprob(t) - m)
+                                                      for m in range(k)]) for t in targets]
 
     def warmup(self, *, check_only: bool = False, show_progress: bool = True):
         from kiln.compile.warmup import WarmupReport

@@ -16,6 +16,20 @@ __all__ = ["LLM", "build_config", "build_engine"]
 log = logging.getLogger(__name__)
 
 
+def _prompt(p):
+    """A prompt of vLLM's forms as text or token ids; ValueError for a dict of neither form."""
+    if not isinstance(p, dict):
+        return p
+    if "prompt_token_ids" in p:
+        ids = p["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of token ids")
+        return list(ids)
+    if isinstance(p.get("prompt"), str):
+        return p["prompt"]
+    raise ValueError(f"a prompt dict needs `prompt` (text) or `prompt_token_ids`, got keys {sorted(p)[:5]}")
+
+
 class LLM:
     """Offline batched generation. Keyword arguments are `engine.build.build_config`'s (dtype, max_model_len, ...)."""
 
@@ -23,12 +37,14 @@ class LLM:
         self.engine = build_engine(model, **kwargs)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+    def generate(self, prompts: str | dict | Sequence[str | dict] | Sequence[list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Run every prompt to completion, batched continuously; outputs in prompt order. A prompt is text, token
+        ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": [ids]}."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_prompt(p) for p in prompts]
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")

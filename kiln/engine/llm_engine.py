@@ -38,6 +38,7 @@ from kiln.engine.scheduler import Scheduler
 from kiln.engine.scheduler_output import ScheduledRow
 from kiln.models.spec import ModelSpec
 from kiln.models.tokenizer import Tokenizer
+from kiln.structured.state import StructuredState
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     samples: list[_Sample]
+    prompt_logprobs: list | None = None     # [prompt len]: None first, then {token: logprob} per position
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
@@ -70,7 +72,8 @@ class _Parent:
                                                   logprobs=None if s.output.logprobs is None
                                                   else list(s.output.logprobs)) for s in self.samples],
                              finished=all(s.output.finished for s in self.samples),
-                             num_cached_tokens=max(self.samples[0].request.num_cached_tokens, 0))
+                             num_cached_tokens=max(self.samples[0].request.num_cached_tokens, 0),
+                             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs))
 
 
 class LLMEngine:
@@ -82,6 +85,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self.structured = StructuredState(getattr(tokenizer, "hf", None), spec.vocab_size, spec.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -109,6 +113,10 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids holds {shown}, outside the vocabulary [0, {self.spec.vocab_size})")
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
+        self.structured.validate(params)
+        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", True):
+            raise ValueError(f"prompt_logprobs is not supported by the {self.runner.name} backend; use --backend "
+                             f"jax")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_text: str | None = None) -> str:
@@ -122,7 +130,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._parents:
             raise ValueError(f"request_id {rid!r} is already in use")
-        parent = _Parent(rid, text, ids, [])
+        parent = _Parent(rid, text, ids, [], None if params.prompt_logprobs is None else [None] * len(ids))
         for i in range(params.n):
             cid = rid if params.n == 1 else f"{rid}#{i}"
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(32)
@@ -134,6 +142,7 @@ class LLMEngine:
             sample = _Sample(req, detok, out)
             parent.samples.append(sample)
             self._child_to_parent[cid] = (parent, sample)
+            self.structured.add(cid, params)
             self.scheduler.add_request(req)
         self._parents[rid] = parent
         return rid
@@ -172,6 +181,11 @@ class LLMEngine:
         sched = self._scheduler_call(self.scheduler.schedule)
         if sched is None:
             return []
+        self.structured.fill(sched.rows)        # the constrained rows' next-token masks
+        for r in sched.rows:                     # prompt logprobs: the target after each chunk
+            if r.sampling_params.prompt_logprobs is not None and r.start_pos + len(r.token_ids) < r.prompt_len:
+                r.next_token_id = self._child_to_parent[r.request_id][0].prompt_token_ids[
+                    r.start_pos + len(r.token_ids)] if r.request_id in self._child_to_parent else -1
         results, row_errors = self._execute_isolating(sched, list(range(len(sched.rows))),
                                                       [MAX_EXECUTES_PER_STEP])
         self._failed_steps_in_a_row = 0 if results else self._failed_steps_in_a_row + 1
@@ -187,7 +201,10 @@ class LLMEngine:
             parent, sample = entry
             if i in row_errors:
                 failed[parent.request_id] = row_errors[i]
-            elif row.sample:
+                continue
+            if parent.prompt_logprobs is not None and results[i][3] is not None and sample.output.index == 0:
+                self._prompt_logprobs(parent, row, results[i][3])
+            if row.sample:
                 try:
                     self._append(sample, row, results[i])
                     changed[parent.request_id] = parent
@@ -239,7 +256,8 @@ class LLMEngine:
                 token = operator.index(result.tokens[j])
                 if not 0 <= token < vocab:
                     raise RuntimeError(f"runner returned token {token}, outside the vocabulary [0, {vocab})")
-                results[i] = (token, result.logprobs[j], None if result.top is None else result.top[j])
+                results[i] = (token, result.logprobs[j], None if result.top is None else result.top[j],
+                              None if result.prompt_logprobs is None else result.prompt_logprobs[j])
             except Exception as e:  # noqa: BLE001 - this row only
                 failures[i] = e
         return results, failures
@@ -275,6 +293,7 @@ class LLMEngine:
         children |= {s.request.request_id for s in parent.samples} if parent is not None else set()
         for cid in children:
             self._child_to_parent.pop(cid, None)
+            self.structured.remove(cid)
             self._scheduler_call(self.scheduler.finish, cid, "error")
 
     def _scheduler_call(self, fn, *args):
@@ -291,7 +310,7 @@ class LLMEngine:
 
     def _append(self, s: _Sample, row: ScheduledRow, sampled: tuple) -> None:
         req, params, out = s.request, s.request.sampling_params, s.output
-        token, logprob, top = sampled
+        token, logprob, top = sampled[:3]
         req.output_token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -301,6 +320,7 @@ class LLMEngine:
             out.logprobs.append(entry)
             out.cumulative_logprob += logprob
         n_out = len(req.output_token_ids)
+        grammar_done = self.structured.accept(req.request_id, token)
         hit_eos = token in req.eos_token_ids
         if not hit_eos:
             out.text += s.detok.add_tokens([token])
@@ -308,15 +328,32 @@ class LLMEngine:
             self._finish(s, "stop", None if hit_eos else token)
         elif s.detok.stopped_by is not None:
             self._finish(s, "stop", s.detok.stopped_by)
+        elif grammar_done:                      # the grammar has ended: nothing else may follow
+            self._finish(s, "stop")
         elif (params.max_tokens is not None and n_out >= params.max_tokens) or \
                 req.num_tokens >= self.config.scheduler.max_model_len:
             self._finish(s, "length")
+
+    @staticmethod
+    def _prompt_logprobs(parent: _Parent, row: ScheduledRow, plp: list) -> None:
+        """Record a prefill chunk's prompt logprobs: position j predicts prompt token start_pos + j + 1 (a
+        recomputed chunk, after preemption, writes the same entries again)."""
+        k = row.sampling_params.prompt_logprobs
+        for j, entry in enumerate(plp):
+            pos = row.start_pos + j + 1
+            if entry is None or pos >= len(parent.prompt_token_ids):
+                continue
+            lp, top = entry
+            d = {parent.prompt_token_ids[pos]: lp}
+            d.update((t, v) for t, v in top[:k] if t not in d)
+            parent.prompt_logprobs[pos] = d
 
     def _finish(self, s: _Sample, reason: str, stop_reason=None) -> None:
         s.output.text += s.detok.flush()
         s.output.finish_reason, s.output.stop_reason = reason, stop_reason
         self._scheduler_call(self.scheduler.finish, s.request.request_id, reason, stop_reason)
         self._child_to_parent.pop(s.request.request_id, None)
+        self.structured.remove(s.request.request_id)
 
     def stats(self) -> dict[str, float]:
         st = dict(self.scheduler.kv.stats())

@@ -27,3 +27,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None   # per prompt token (None for the first):
+                                                # {token_id: logprob} of it and the top-N, when asked

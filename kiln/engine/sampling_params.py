@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 """Largest number of top logprobs a request may ask for (besides the sampled token's)."""
 
@@ -148,7 +150,7 @@ def _logit_bias(bias: Any) -> dict[int, float] | None:
 
 
 _INT_FIELDS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INT_FIELDS = ("seed", "max_tokens", "logprobs")
+_OPTIONAL_INT_FIELDS = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 _BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
@@ -185,6 +187,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # the output must match this (structured/)
+    prompt_logprobs: int | None = None     # per prompt token (after the first) its logprob and this many top ones
 
     def __post_init__(self) -> None:
         self.verify()
@@ -208,6 +212,9 @@ class SamplingParams:
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
+        if self.structured_outputs is not None:
+            self.structured_outputs.verify()
         if self.top_k == -1:
             self.top_k = 0
 
@@ -252,6 +259,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}.")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}.")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {_show(self.prompt_logprobs)}.")
         self._verify_stops()
         for token_id, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:

@@ -96,7 +96,8 @@ class Scheduler:
             longest = max(longest, n)
         while self.waiting and len(rows) < max_rows and len(self.running) < self.config.scheduler.max_num_seqs:
             req = self.waiting[0]
-            blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+            blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids) \
+                if req.sampling_params.prompt_logprobs is None else ([], 0)   # prompt logprobs: recompute all
             req.num_computed_tokens = cached
             n = chunk_for(req)
             if n == 0 or not self.kv.allocate_slots(req.request_id, cached + n, blocks):

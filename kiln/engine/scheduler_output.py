@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from kiln.engine.sampling_params import SamplingParams
 
@@ -19,6 +20,11 @@ class ScheduledRow:
     prompt_len: int               # history[:prompt_len] is prompt, the rest output (penalties)
     history: list[int]            # prompt + output ids when the request uses penalties, else []
     eos_token_ids: tuple[int, ...]  # suppressed while min_tokens is not reached
+    token_bitmask: Any = None     # np.ndarray [ceil(V/32)] i32, or a Future of one (backends/inputs.
+                                  # resolve_bitmask): the tokens the row's grammar allows next (bit t of word
+                                  # t // 32), set by the engine for sampled structured rows; None: all
+    next_token_id: int = -1       # prompt logprobs: the prompt token after this chunk (-1: the chunk ends the
+                                  # prompt, or the row did not ask); position j's target is token_ids[j + 1]
 
 
 @dataclasses.dataclass

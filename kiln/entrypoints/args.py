@@ -141,6 +141,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None,
                    help="model name reported by GetModelInfo and /v1/models and expected in HTTP requests' "
                         "`model` (default: the --model value)")
+    g.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None,
+                   help="how tool calls are read from chat output (default: from the chat template; hermes "
+                        "where it has no tool format)")
     g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     g.add_argument("--max-queued", type=int, default=64,
                    help="sequences admitted beyond the running batch (--max-num-seqs), counted when a request arrives, "
@@ -174,7 +177,7 @@ def options_from_args(a) -> ServeOptions:
                         tls_client_ca=a.tls_client_ca, metrics_port=a.metrics_port,
                         max_message_bytes=int(a.max_message_mb * 2**20),
                         port=None if a.no_grpc else a.port, http_port=a.http_port,
-                        served_model_name=a.served_model_name,
+                        served_model_name=a.served_model_name, tool_call_parser=a.tool_call_parser,
                         limits=PromptLimits(max_messages=a.max_chat_messages, max_message_chars=a.max_prompt_chars,
                                             max_prompt_chars=a.max_prompt_chars))
 

@@ -36,6 +36,7 @@ from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
+from kiln.entrypoints import openai_protocol as O
 from kiln.entrypoints.batch_files import (BatchUsageError, Writer, check_paths, count_lines, partial_path,
                                           read_lines, repair_torn_tail, scan_done, sniff_format)
 from kiln.serving import errors as E
@@ -126,10 +127,19 @@ class _Job:
     # one request
     async def _serve(self, req: F.BatchRequest) -> None:
         rid = self._rid(req.lineno)
+        if req.model is not None and req.model != self.model:
+            self._error(req.lineno, req.custom_id, "model_not_found",
+                        f"The model `{req.model[:200]}` does not exist; this job serves `{self.model}`", 404)
+            return
         try:
-            final = (await self.core.submit([req.prompt], req.params, request_id=rid).finals())[0]
+            prompts, tools = [req.prompt], None
+            if req.tools:
+                prompts, tools = O.parse_tools(req.tools, prompts, req.params, self.engine.tokenizer.chat_template)
+            final = (await self.core.submit(prompts, req.params, request_id=rid).finals())[0]
             body = F.response_body(req, final, model=self.model, created=self.created, decode=self.decode,
                                    body_id=("chatcmpl-" if req.url == F.CHAT_URL else "cmpl-") + rid[11:])
+            if tools is not None:
+                O.tool_choices(body["choices"], tools)
             self.stats.prompt_tokens += body["usage"]["prompt_tokens"]
             self.stats.completion_tokens += body["usage"]["completion_tokens"]
             self._emit(F.ok_record(F.record_id(self.job, req.lineno), req.custom_id, rid, body), ok=True)

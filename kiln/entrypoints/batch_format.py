@@ -6,9 +6,12 @@
     LineError     ── error_record ──> {"id", "custom_id", "response": {"status_code": 400, "body": {"error"}}, "error"}
 
 Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
-min_tokens, stop_token_ids, ...). Unknown fields are ignored, as vLLM does; fields that would change the answer
-in a way kiln cannot honour (stream, tools, suffix, best_of != n, ...) are rejected. `model` is accepted and
-ignored: every line goes to the one model the job serves, whose name the response carries.
+min_tokens, stop_token_ids, ...; structured outputs as response_format, structured_outputs or guided_*:
+structured/params.from_body). Unknown fields are ignored, as vLLM does; fields that would change the answer
+in a way kiln cannot honour (stream, suffix, best_of != n, ...) are rejected; chat tools
+are parsed by openai_protocol.parse_tools when the line is served. A line whose `model` is
+not the model the job serves gets the HTTP API's 404 `model_not_found` record (as vLLM's run-batch); a line
+without `model` goes to it.
 
 Every record's `id` is `batch_req_<job>_<line>`: the input line number it answers is part of the id, so that
 `--resume` can match records to lines exactly even where custom_ids repeat or are missing.
@@ -22,10 +25,12 @@ from typing import Any, Callable
 
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.structured.params import from_body as structured_from_body
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 URLS = (CHAT_URL, COMPLETIONS_URL)
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")   # read by openai_protocol.parse_tools
 MIN_LOGPROB = -9999.0        # -inf is not JSON; vLLM clamps the same way
 
 
@@ -45,6 +50,9 @@ class BatchRequest:
     prompt: str | list[int] | list[dict[str, str]]   # completion text / token ids, or chat messages
     params: SamplingParams
     echo: bool = False                          # completions: put the prompt text before the completion
+    echo_only: bool = False                     # echo with max_tokens 0: the prompt alone
+    model: str | None = None                    # the body's `model`, checked against the served one
+    tools: dict | None = None                   # chat: the body's tools, tool_choice, parallel_tool_calls
 
 
 # -- input ----------------------------------------------------------------------------------------
@@ -84,13 +92,16 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
         body = obj.get("body")
         if not isinstance(body, dict):
             raise LineError("invalid_request", f"body must be a JSON object, got {_kind(body)}")
+        tools = None
         if url == CHAT_URL:
+            tools = {k: body[k] for k in TOOL_FIELDS if k in body} or None
+            body = {k: v for k, v in body.items() if k not in TOOL_FIELDS}
             prompt, params, echo = chat_messages(body), chat_params(body), False
         else:
             prompt, params, echo = _completion_prompt(body), completion_params(body), bool(body.get("echo"))
-            if echo and params.logprobs is not None:
-                raise LineError("invalid_request", "echo together with logprobs is not supported")
-        return BatchRequest(lineno, cid, url, prompt, params, echo)
+        model = body.get("model")
+        return BatchRequest(lineno, cid, url, prompt, params, echo, echo_only(body) if echo else False,
+                            model if isinstance(model, str) else None, tools)
     except LineError as e:
         e.custom_id = cid
         raise
@@ -122,7 +133,11 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
             content = ""
         elif not isinstance(content, str):
             raise LineError("invalid_request", f"messages[{i}].content must be a string or a list of text parts")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):      # tool conversations, for the chat template
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -175,14 +190,11 @@ def _flag(body: dict, key: str, default: bool) -> bool:
 def _reject_unsupported(body: dict) -> None:
     if body.get("stream"):
         raise LineError("invalid_request", "stream is not supported in a batch job")
-    for key in ("tools", "functions", "suffix", "prompt_logprobs"):
+    for key in ("tools", "functions", "suffix"):
         if body.get(key):
             raise LineError("invalid_request", f"{key} is not supported")
     if body.get("use_beam_search"):
         raise LineError("invalid_request", "use_beam_search is not supported")
-    rf = body.get("response_format")
-    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise LineError("invalid_request", "response_format other than text is not supported")
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise LineError("invalid_request", "best_of other than n is not supported")
@@ -223,6 +235,8 @@ def _common_params(body: dict, max_tokens: int | None, logprobs: int | None) -> 
         logprobs=logprobs, logit_bias=bias,
         include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
         skip_special_tokens=_flag(body, "skip_special_tokens", True),
+        structured_outputs=structured_from_body(body),
+        prompt_logprobs=_number(body, "prompt_logprobs", int, None),
     )
 
 
@@ -244,7 +258,20 @@ def completion_params(body: dict) -> SamplingParams:
     v = body.get("logprobs")
     if isinstance(v, bool):
         raise LineError("invalid_request", f"logprobs must be an integer for {COMPLETIONS_URL}, got {v!r}")
-    return _common_params(body, _number(body, "max_tokens", int, 16), _number(body, "logprobs", int, None))
+    max_tokens, logprobs = _number(body, "max_tokens", int, 16), _number(body, "logprobs", int, None)
+    echo = _flag(body, "echo", False)
+    if echo and max_tokens == 0:
+        max_tokens = 1                    # the prompt alone (echo_only): the one token generated is dropped
+    params = _common_params(body, max_tokens, logprobs)
+    if echo and logprobs is not None and (params.prompt_logprobs is None or params.prompt_logprobs < logprobs):
+        params.prompt_logprobs = logprobs  # the echoed prompt's logprobs, computed in its prefill steps
+    return params
+
+
+def echo_only(body: dict) -> bool:
+    """`echo` with `max_tokens: 0`: answer with the prompt (and its logprobs) only, as lm-eval's loglikelihood
+    requests ask."""
+    return bool(body.get("echo")) and body.get("max_tokens") == 0
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -291,26 +318,52 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], 
             "text_offset": offsets}
 
 
+def echo_logprobs(out: RequestOutput, lp: dict, k: int, decode: Callable[[int], str]) -> dict:
+    """Completion logprobs with the prompt's before them: its first token has none (null), as in vLLM."""
+    ids, plp = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    tokens = [decode(t) for t in ids]
+    offsets, off = [], 0
+    for t in tokens:
+        offsets.append(off)
+        off += len(t)
+    return {"tokens": tokens + lp["tokens"],
+            "token_logprobs": [None if e is None else _lp(e[t]) for t, e in zip(ids, plp)] + lp["token_logprobs"],
+            "top_logprobs": [None if e is None else {decode(a): _lp(b) for a, b in _top(e, k)} for e in plp]
+            + lp["top_logprobs"],
+            "text_offset": offsets + [o + off for o in lp["text_offset"]]}
+
+
 def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id: str, created: int,
                   decode: Callable[[int], str]) -> dict:
     """The chat.completion / text_completion object of one finished request."""
     chat = req.url == CHAT_URL
     k = req.params.logprobs
-    prefix = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+    prefix = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else \
+        "".join(decode(t) for t in out.prompt_token_ids)
     choices = []
     for c in out.outputs:
+        if req.echo_only:
+            c = dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
+                                    finish_reason="length")
         lp = None
         if k is not None and c.logprobs is not None:
             lp = chat_logprobs(c.token_ids, c.logprobs, k, decode) if chat else \
                 completion_logprobs(c.token_ids, c.logprobs, k, decode)
+            if req.echo and not chat:
+                lp = echo_logprobs(out, lp, k, decode)
         choice: dict[str, Any] = {"index": c.index}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = prefix + c.text
         choice.update(logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        if out.prompt_logprobs is not None and req.params.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = [None if e is None else {   # vLLM's shape: token id -> logprob
+                str(t): {"logprob": _lp(v), "decoded_token": decode(t)} for t, v in e.items()}
+                for e in out.prompt_logprobs]
         choices.append(choice)
-    n_in, n_out = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
+    n_in = len(out.prompt_token_ids)
+    n_out = 0 if req.echo_only else sum(len(c.token_ids) for c in out.outputs)
     return {"id": body_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,10 @@ def generate_request(prompt: str | list[int] | list[dict[str, str]], request_id:
             sp.stop_token_ids.extend(v)
         elif k == "logit_bias":
             sp.logit_bias.update({int(t): float(b) for t, b in v.items()})
+        elif k == "choice":                 # structured outputs: choice=[...], json_schema=dict or text, ...
+            sp.choice.choices.extend(v)
+        elif k == "json_schema" and not isinstance(v, str):
+            sp.json_schema = json.dumps(v)
         else:
             setattr(sp, k, v)
     return req

@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError
 
 from kiln.engine.outputs import CompletionOutput, RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.structured.params import StructuredOutputsParams
 from kiln.proto import inference_pb2 as pb
 from kiln.serving import errors as E
 from kiln.serving.deltas import DeltaTracker
@@ -43,7 +44,7 @@ def safe_deserializer(cls):
 # -- requests ---------------------------------------------------------------------------------------
 _SCALAR_FIELDS = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
                   "top_k", "min_p", "seed", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
-                  "include_stop_str_in_output", "skip_special_tokens")
+                  "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs")
 
 
 def sampling_params_from_proto(m: pb.SamplingParams) -> SamplingParams:
@@ -59,9 +60,20 @@ def sampling_params_from_proto(m: pb.SamplingParams) -> SamplingParams:
     if m.logit_bias:
         kw["logit_bias"] = dict(m.logit_bias)
     try:
+        kw["structured_outputs"] = structured_from_proto(m)
         return SamplingParams(**kw)
     except ValueError as e:
         raise E.invalid(e) from None
+
+
+def structured_from_proto(m: pb.SamplingParams) -> StructuredOutputsParams | None:
+    """The `structured` oneof as StructuredOutputsParams (ValueError naming the field for a bad one)."""
+    kind = m.WhichOneof("structured")
+    if kind is None:
+        return None
+    value = list(m.choice.choices) if kind == "choice" else getattr(m, kind)
+    ws = m.disable_any_whitespace if m.HasField("disable_any_whitespace") else True
+    return StructuredOutputsParams(**{"json" if kind == "json_schema" else kind: value}, disable_any_whitespace=ws)
 
 
 def messages_from_proto(chat: pb.ChatMessages) -> list[dict[str, str]]:
@@ -112,6 +124,7 @@ class Deltas:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.tracker = DeltaTracker()
+        self.sent_prompt = False
 
     def __call__(self, out: RequestOutput) -> list[pb.GenerateResponse]:
         msgs = []
@@ -130,7 +143,16 @@ class Deltas:
             if not msgs:
                 msgs.append(pb.GenerateResponse(request_id=out.request_id, index=0))
             msgs[-1].usage.CopyFrom(usage_pb(out))
+        if msgs and not self.sent_prompt and out.prompt_logprobs is not None:
+            self.sent_prompt = True
+            msgs[0].prompt_logprobs.extend(prompt_logprobs_pb(out, self.params.prompt_logprobs or 0))
         return msgs
+
+
+def prompt_logprobs_pb(out: RequestOutput, k: int) -> list[pb.TokenLogprob]:
+    """One TokenLogprob per prompt token after the first (the first has no logprob)."""
+    ids, entries = out.prompt_token_ids[1:], out.prompt_logprobs[1:]
+    return logprobs_pb([e if e is not None else {t: float("nan")} for t, e in zip(ids, entries)], ids, k)
 
 
 def reply_pb(last: RequestOutput, params: SamplingParams) -> pb.GenerateReply:
@@ -142,6 +164,8 @@ def reply_pb(last: RequestOutput, params: SamplingParams) -> pb.GenerateReply:
             m.cumulative_logprob = c.cumulative_logprob
             m.logprobs.extend(logprobs_pb(c.logprobs, c.token_ids, params.logprobs or 0))
         _set_stop_reason(m, c)
+    if last.prompt_logprobs is not None:
+        reply.prompt_logprobs.extend(prompt_logprobs_pb(last, params.prompt_logprobs or 0))
     return reply
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import functools
 import json
 import socket
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.entrypoints import openai_protocol as O
 from kiln.serving import errors as E
+from kiln.serving import tokens as T
 from kiln.serving.core import ServingCore
 from kiln.serving.health import State
 from kiln.serving.options import ServeOptions
@@ -143,10 +145,34 @@ class HttpServer:
                 engine = self.core.ready()
             except E.ServingError as e:
                 return self._error(e)
-            name = self.core.model_name
-            return {"object": "list", "data": [{
-                "id": name, "object": "model", "created": self._created, "owned_by": "kiln", "root": name,
-                "parent": None, "max_model_len": engine.engine.config.scheduler.max_model_len}]}
+            return {"object": "list", "data": [self._model_card(engine)]}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str, request: Request):
+            try:
+                self.core.authenticate(request.headers.get("authorization"))
+                engine = self.core.ready()
+                if model_id != self.core.model_name:
+                    raise E.NotFound(f"The model `{model_id}` does not exist", "model")
+            except E.ServingError as e:
+                return self._error(e)
+            return self._model_card(engine)
+
+        @app.get("/version")
+        async def version():
+            try:
+                v = importlib.metadata.version("kiln")
+            except importlib.metadata.PackageNotFoundError:
+                v = "unknown"
+            return {"version": v}
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            return await self._simple(request, lambda eng, body: T.tokenize(eng, body, self.core.opts.limits))
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            return await self._simple(request, T.detokenize)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -157,6 +183,28 @@ class HttpServer:
             return await self._generate(request, chat=True)
 
         return app
+
+    def _model_card(self, engine) -> dict:
+        name = self.core.model_name
+        return {"id": name, "object": "model", "created": self._created, "owned_by": "kiln", "root": name,
+                "parent": None, "max_model_len": engine.engine.config.scheduler.max_model_len}
+
+    async def _simple(self, request: Request, fn) -> JSONResponse:
+        """A non-generating call: authenticate, read the body, check its model, fn(engine, body) -> JSON."""
+        try:
+            self.core.authenticate(request.headers.get("authorization"))
+            engine = self.core.ready()
+            body = await self._body(request)
+            model = body.get("model")
+            if model is not None and model != self.core.model_name:
+                raise E.NotFound(f"The model `{model}` does not exist; this server serves "
+                                 f"`{self.core.model_name}`", "model")
+            result = fn(engine, body)
+        except E.ServingError as e:
+            self.core.count(request.url.path, str(O.http_status(e)))
+            return self._error(e)
+        self.core.count(request.url.path, "200")
+        return JSONResponse(result)
 
     @staticmethod
     def _error(e: E.ServingError) -> JSONResponse:
@@ -187,6 +235,10 @@ class HttpServer:
                 raise E.NotFound(f"The model `{model}` does not exist; this server serves "
                                  f"`{self.core.model_name}` (GET /v1/models)", "model")
             prompts, params = O.parse_body(body, chat)
+            tools = None
+            if chat:
+                prompts, tools = O.parse_tools(body, prompts, params, engine.tokenizer.chat_template,
+                                               self.core.opts.tool_call_parser)
             req = self.core.submit(prompts, params, id_prefix="chatcmpl" if chat else "cmpl")
         except E.ServingError as e:
             e = O.chat_field(e, chat)
@@ -197,7 +249,7 @@ class HttpServer:
         decode = functools.lru_cache(maxsize=4096)(lambda t: engine.tokenizer.decode([t], skip_special_tokens=False))
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _SSEResponse(self._events(path, req, O.Chunks(chat, params, head, decode), usage), req.close,
+            return _SSEResponse(self._events(path, req, O.Chunks(chat, params, head, decode, tools), usage), req.close,
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             finals = await self._collect(request, req)
@@ -208,7 +260,8 @@ class HttpServer:
             self.core.count(path, str(O.http_status(e)))
             return self._error(O.chat_field(e, chat))
         self.core.count(path, "200")
-        return JSONResponse(O.response(chat, prompts, params, finals, head=head, decode=decode))
+        return JSONResponse(O.response(chat, prompts, params, finals, head=head, decode=decode,
+                                       tools=tools, body=body))
 
     async def _collect(self, request: Request, req) -> dict:
         """Run to the end; if the client disconnects first, close the request (abort) and raise _ClientGone."""

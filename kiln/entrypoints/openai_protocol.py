@@ -15,7 +15,11 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
 from kiln.serving import errors as E
 from kiln.serving.deltas import DeltaTracker
+from kiln.serving.prompts import ChatMessages
 from kiln.serving.usage import Usage
+from kiln.tools import output as T
+from kiln.tools import parsers, prompt as tool_prompt
+from kiln.tools.spec import from_body as tools_from_body
 
 # kiln error -> (HTTP status, OpenAI error type, OpenAI error code)
 STATUS: dict[type, tuple[int, str, str | None]] = {
@@ -75,14 +79,17 @@ def chat_field(error: E.ServingError, chat: bool) -> E.ServingError:
 
 def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
     """(prompts, SamplingParams) of a request body; raises InvalidRequest naming the field."""
-    if body.get("echo"):
-        raise E.InvalidRequest("echo is not supported", "echo")
+    if body.get("echo") and chat:
+        raise E.InvalidRequest("echo is for /v1/completions", "echo")
+    if body.get("echo") and body.get("stream"):
+        raise E.InvalidRequest("echo with stream is not supported", "echo")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise E.InvalidRequest(f"stream_options must be an object, got {opts!r}", "stream_options")
     if not isinstance(body.get("stream", False), bool):
         raise E.InvalidRequest(f"stream must be true or false, got {body['stream']!r}", "stream")
-    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}   # batch jobs refuse stream
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "tools", "tool_choice",
+                                                        "parallel_tool_calls")}   # batch jobs refuse stream
     try:
         if chat:
             return [F.chat_messages(plain)], F.chat_params(plain)
@@ -93,6 +100,27 @@ def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
         raise _bad(str(e), chat) from None
 
 
+def parse_tools(body: dict, prompts: list, params: SamplingParams, template: str | None,
+                parser: str | None = None) -> tuple[list, T.ToolUse | None]:
+    """A chat body's tools: the prompt carries them to the chat template; `required` / a named choice set
+    the grammar that makes the output a call. Returns (prompts, ToolUse or None); raises InvalidRequest."""
+    try:
+        spec = tools_from_body(body)
+        if spec is None:
+            return prompts, None
+        constraint = spec.constraint()
+        if constraint is not None:
+            if params.structured_outputs is not None:
+                raise ValueError("tool_choice required or named cannot be combined with response_format or "
+                                 "another output constraint.")
+            params.structured_outputs = constraint
+        name = parsers.select(template, parser)
+    except ValueError as e:
+        raise _bad(str(e), True) from None
+    messages, for_template = tool_prompt.with_tools(prompts[0], spec.template_tools(), template)
+    return [ChatMessages(messages, tools=for_template)], T.ToolUse(spec, name)
+
+
 # -- responses --------------------------------------------------------------------------------------
 def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n\n"
@@ -101,9 +129,21 @@ def sse(obj: Any) -> bytes:
 class Chunks:
     """Cumulative RequestOutputs -> OpenAI stream chunks (what is new for each choice since the last chunk)."""
 
-    def __init__(self, chat: bool, params: SamplingParams, head: dict, decode: Callable[[int], str]):
+    def __init__(self, chat: bool, params: SamplingParams, head: dict, decode: Callable[[int], str],
+                 tools: T.ToolUse | None = None):
         self.chat, self.params, self.head, self.decode = chat, params, head, decode
         self.tracker = DeltaTracker()
+        self.tools, self.streams = tools, {}
+
+    def _tool_deltas(self, idx: int, d, finishing: bool) -> tuple[list[dict], bool]:
+        """The delta objects of choice idx's new text under tool parsing, and whether it made calls."""
+        ts = self.streams.setdefault(idx, T.ToolStream(self.tools))
+        deltas = ts.feed(d.text)
+        made = False
+        if finishing:
+            rest, made = ts.finish()
+            deltas += rest
+        return deltas, made
 
     def __call__(self, i: int, out: RequestOutput) -> list[dict]:
         chunks, k = [], self.params.logprobs
@@ -116,6 +156,9 @@ class Chunks:
             if k is not None and d.logprobs is not None and d.token_ids:
                 lp = F.chat_logprobs(d.token_ids, d.logprobs, k, self.decode) if self.chat else \
                     F.completion_logprobs(d.token_ids, d.logprobs, k, self.decode, offset=d.text_offset)
+            if self.chat and self.tools is not None:
+                chunks += self._tool_chunks(idx, d, c, lp)
+                continue
             choice: dict[str, Any] = {"index": idx}
             if self.chat:
                 choice["delta"] = ({"role": "assistant", "content": d.text} if d.first else {"content": d.text})
@@ -126,22 +169,48 @@ class Chunks:
             chunks.append(dict(self.head, choices=[choice]))
         return chunks
 
+    def _tool_chunks(self, idx: int, d, c, lp) -> list[dict]:
+        deltas, made = self._tool_deltas(idx, d, d.finishing)
+        if d.first:
+            deltas.insert(0, {"role": "assistant", "content": ""})
+        if d.finishing and not deltas:
+            deltas.append({})
+        out = []
+        for j, delta in enumerate(deltas):
+            last = d.finishing and j == len(deltas) - 1
+            finish = ("tool_calls" if made and c.finish_reason == "stop" else c.finish_reason) if last else None
+            out.append(dict(self.head, choices=[{"index": idx, "delta": delta, "logprobs": lp if j == 0 else None,
+                                                 "finish_reason": finish,
+                                                 "stop_reason": c.stop_reason if last else None}]))
+        return out
+
     def usage_chunk(self, finals: dict[int, RequestOutput]) -> dict:
         return dict(self.head, choices=[], usage=Usage.of(finals.values()).openai())
 
 
+def tool_choices(choices: list[dict], tools: T.ToolUse) -> None:
+    """Chat choices with their output parsed into tool_calls (finish_reason tool_calls when there are any)."""
+    for c in choices:
+        c["message"], made = T.message(tools, c["message"]["content"])
+        if made and c["finish_reason"] == "stop":
+            c["finish_reason"] = "tool_calls"
+
+
 def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int, RequestOutput], *, head: dict,
-             decode: Callable[[int], str]) -> dict:
+             decode: Callable[[int], str], tools: T.ToolUse | None = None, body: dict | None = None) -> dict:
     """The chat.completion / text_completion body of a finished request (every prompt, every sample)."""
     url = F.CHAT_URL if chat else F.COMPLETIONS_URL
     choices = []
     for i in sorted(finals):
-        req = F.BatchRequest(0, "", url, prompts[i], params)
+        echo = bool((body or {}).get("echo")) and not chat
+        req = F.BatchRequest(0, "", url, prompts[i], params, echo, echo and F.echo_only(body))
         one = F.response_body(req, finals[i], model=head["model"], body_id=head["id"], created=head["created"],
                               decode=decode)
         for c in one["choices"]:
             c["index"] = i * params.n + c["index"]
             choices.append(c)
+    if chat and tools is not None:
+        tool_choices(choices, tools)
     return {"id": head["id"], "object": "chat.completion" if chat else "text_completion",
             "created": head["created"], "model": head["model"], "choices": choices,
             "usage": Usage.of(finals.values()).openai()}

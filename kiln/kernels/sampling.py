@@ -4,6 +4,7 @@ Order of operations per row (vLLM v1's sampler):
 
     raw logits ──> logprobs (log_softmax of the raw logits: sampled token + top-K)
         │
+        ├─ grammar bitmask (structured outputs: tokens a row's mask does not allow -> -inf)
         ├─ logit bias, min_tokens (stop/eos ids -> -inf while active)
         ├─ penalties: repetition (prompt + output), frequency and presence (output)   [lax.cond: any row]
         ├─ greedy rows: argmax
@@ -27,7 +28,7 @@ from kiln.backends.inputs import (MAX_LOGIT_BIAS, MAX_STOP_IDS, SamplingTensors,
                                   check_supported)
 from kiln.engine.sampling_params import GREEDY_TEMPERATURE_EPS  # one greedy threshold for host and graph
 
-__all__ = ["MAX_LOGIT_BIAS", "MAX_STOP_IDS", "SampleOutput", "SamplingTensors", "apply_min_p", "apply_penalties",
+__all__ = ["MAX_LOGIT_BIAS", "MAX_STOP_IDS", "SampleOutput", "SamplingTensors", "apply_bitmask", "apply_min_p", "apply_penalties",
            "apply_top_k_top_p", "argmax", "build_sampling_tensors", "check_supported", "draw", "sample",
            "truncate_top_k_top_p", "TOP_CANDIDATES"]
 
@@ -48,6 +49,14 @@ def _scatter_rows(x: jax.Array, ids: jax.Array, values: jax.Array, *, op: str) -
     cols = jnp.where(ids >= 0, ids, vocab)  # [B, N] out of range -> dropped
     ref = x.at[rows, cols]
     return ref.add(values, mode="drop") if op == "add" else ref.set(values, mode="drop")
+
+
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Tokens not allowed by a row's bitmask [B, W] i32 (bit t % 32 of word t // 32; all -1 = no mask) -> -inf."""
+    batch, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1  # [B, W, 32]
+    allowed = bits.reshape(batch, -1)[:, :vocab] > 0  # [B, V]
+    return jnp.where(allowed, logits, -jnp.inf)  # [B, V]
 
 
 def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -167,9 +176,12 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: int = 0,
     any_penalty = jnp.any(
         (t.repetition_penalty != 1.0) | (t.frequency_penalty != 0.0) | (t.presence_penalty != 0.0)
     )
-    plain = jnp.all(is_greedy) & ~any_penalty & jnp.all(t.bias_ids < 0) & ~jnp.any(t.min_tokens_active)
+    plain = jnp.all(is_greedy) & ~any_penalty & jnp.all(t.bias_ids < 0) & ~jnp.any(t.min_tokens_active) \
+        & jnp.all(t.bitmask == -1)
 
     def processed_tokens(logits):
+        if t.bitmask.shape[-1]:  # static: a batch built with the vocabulary size carries masks
+            logits = jax.lax.cond(jnp.any(t.bitmask != -1), apply_bitmask, lambda x, _: x, logits, t.bitmask)
         logits = _scatter_rows(logits, t.bias_ids, t.bias_values, op="add")  # [B, V]
         stop_ids = jnp.where(t.min_tokens_active[:, None], t.stop_ids, -1)  # [B, NS]
         logits = _scatter_rows(logits, stop_ids, jnp.full(stop_ids.shape, -jnp.inf), op="set")  # [B, V]

@@ -84,12 +84,17 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return list(self._tok.convert_ids_to_tokens(list(ids)))
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat prompt as text, rendered by the model's own template."""
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The chat prompt as text, rendered by the model's own template (with `tools`, OpenAI-shaped, when
+        given: templates that support tools render them)."""
         if not self._tok.chat_template:
             raise ModelError("this model's tokenizer has no chat template; send a plain prompt instead")
-        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        kw = {"tools": tools} if tools else {}
+        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             **kw)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat prompt (the template already holds any BOS, so none is added)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)

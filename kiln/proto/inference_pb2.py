@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akiln/proto/inference.proto\x12\x07kiln.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.kiln.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9a\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12:\n\nlogit_bias\x18\x10 \x03(\x0b\x32&.kiln.v1.SamplingParams.LogitBiasEntry\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokens\"\xc0\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.kiln.v1.TokenIdsH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.kiln.v1.ChatMessagesH\x00\x12\x30\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x17.kiln.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.kiln.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.kiln.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1d\n\x05usage\x18\t \x01(\x0b\x32\x0e.kiln.v1.UsageB\r\n\x0bstop_reason\"\xf3\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.kiln.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"l\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x13.kiln.v1.Completion\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.kiln.v1.Usage\"\x89\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.kiln.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\nCacheState\x12\x14\n\x0c\x62locks_total\x18\x01 \x01(\r\x12\x13\n\x0b\x62locks_used\x18\x02 \x01(\r\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\r\x12\x15\n\rblocks_cached\x18\x04 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x05 \x01(\x01\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\xbb\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1d\n\x15prefill_batch_buckets\x18\x08 \x03(\r\x12\x1b\n\x13prefill_seq_buckets\x18\t \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_batch_buckets\x18\n \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_block_buckets\x18\x0b \x03(\r\x12\"\n\x05\x63\x61\x63he\x18\x0c \x01(\x0b\x32\x13.kiln.v1.CacheState\x12\x10\n\x08\x63ompiles\x18\r \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x90\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.kiln.v1.GenerateRequest\x1a\x19.kiln.v1.GenerateResponse0\x01\x12\x41\n\rGenerateUnary\x12\x18.kiln.v1.GenerateRequest\x1a\x16.kiln.v1.GenerateReply\x12?\n\x08Tokenize\x12\x18.kiln.v1.TokenizeRequest\x1a\x19.kiln.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.kiln.v1.DetokenizeRequest\x1a\x1b.kiln.v1.DetokenizeResponse\x12=\n\x0cGetModelInfo\x12\x19.kiln.v1.ModelInfoRequest\x1a\x12.kiln.v1.ModelInfo\x12\x36\n\x05\x41\x62ort\x12\x15.kiln.v1.AbortRequest\x1a\x16.kiln.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akiln/proto/inference.proto\x12\x07kiln.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.kiln.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x90\x08\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x05H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\r\x88\x01\x01\x12:\n\nlogit_bias\x18\x10 \x03(\x0b\x32&.kiln.v1.SamplingParams.LogitBiasEntry\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x13 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x14 \x01(\tH\x00\x12\"\n\x06\x63hoice\x18\x15 \x01(\x0b\x32\x10.kiln.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x16 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x17 \x01(\x08H\x00\x12#\n\x16\x64isable_any_whitespace\x18\x18 \x01(\x08H\x10\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x19 \x01(\x05H\x11\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nstructuredB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x19\n\x17_disable_any_whitespaceB\x12\n\x10_prompt_logprobs\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xc0\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.kiln.v1.TokenIdsH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.kiln.v1.ChatMessagesH\x00\x12\x30\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x17.kiln.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.kiln.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.kiln.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1d\n\x05usage\x18\t \x01(\x0b\x32\x0e.kiln.v1.Usage\x12.\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x15.kiln.v1.TokenLogprobB\r\n\x0bstop_reason\"\xf3\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.kiln.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"\x9c\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x13.kiln.v1.Completion\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.kiln.v1.Usage\x12.\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x15.kiln.v1.TokenLogprob\"\x89\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.kiln.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\nCacheState\x12\x14\n\x0c\x62locks_total\x18\x01 \x01(\r\x12\x13\n\x0b\x62locks_used\x18\x02 \x01(\r\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\r\x12\x15\n\rblocks_cached\x18\x04 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x05 \x01(\x01\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\xbb\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x1d\n\x15prefill_batch_buckets\x18\x08 \x03(\r\x12\x1b\n\x13prefill_seq_buckets\x18\t \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_batch_buckets\x18\n \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_block_buckets\x18\x0b \x03(\r\x12\"\n\x05\x63\x61\x63he\x18\x0c \x01(\x0b\x32\x13.kiln.v1.CacheState\x12\x10\n\x08\x63ompiles\x18\r \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x90\x03\n\tInference\x12\x41\n\x08Generate\x12\x18.kiln.v1.GenerateRequest\x1a\x19.kiln.v1.GenerateResponse0\x01\x12\x41\n\rGenerateUnary\x12\x18.kiln.v1.GenerateRequest\x1a\x16.kiln.v1.GenerateReply\x12?\n\x08Tokenize\x12\x18.kiln.v1.TokenizeRequest\x1a\x19.kiln.v1.TokenizeResponse\x12\x45\n\nDetokenize\x12\x1a.kiln.v1.DetokenizeRequest\x1a\x1b.kiln.v1.DetokenizeResponse\x12=\n\x0cGetModelInfo\x12\x19.kiln.v1.ModelInfoRequest\x1a\x12.kiln.v1.ModelInfo\x12\x36\n\x05\x41\x62ort\x12\x15.kiln.v1.AbortRequest\x1a\x16.kiln.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,41 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=141
   _globals['_TOKENIDS']._serialized_end=164
   _globals['_SAMPLINGPARAMS']._serialized_start=167
-  _globals['_SAMPLINGPARAMS']._serialized_end=961
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=673
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=721
-  _globals['_GENERATEREQUEST']._serialized_start=964
-  _globals['_GENERATEREQUEST']._serialized_end=1156
-  _globals['_TOPLOGPROB']._serialized_start=1158
-  _globals['_TOPLOGPROB']._serialized_end=1205
-  _globals['_TOKENLOGPROB']._serialized_start=1207
-  _globals['_TOKENLOGPROB']._serialized_end=1290
-  _globals['_USAGE']._serialized_start=1292
-  _globals['_USAGE']._serialized_end=1379
-  _globals['_GENERATERESPONSE']._serialized_start=1382
-  _globals['_GENERATERESPONSE']._serialized_end=1626
-  _globals['_COMPLETION']._serialized_start=1629
-  _globals['_COMPLETION']._serialized_end=1872
-  _globals['_GENERATEREPLY']._serialized_start=1874
-  _globals['_GENERATEREPLY']._serialized_end=1982
-  _globals['_TOKENIZEREQUEST']._serialized_start=1985
-  _globals['_TOKENIZEREQUEST']._serialized_end=2122
-  _globals['_TOKENIZERESPONSE']._serialized_start=2124
-  _globals['_TOKENIZERESPONSE']._serialized_end=2199
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2201
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2297
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2299
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2333
-  _globals['_MODELINFOREQUEST']._serialized_start=2335
-  _globals['_MODELINFOREQUEST']._serialized_end=2353
-  _globals['_CACHESTATE']._serialized_start=2356
-  _globals['_CACHESTATE']._serialized_end=2500
-  _globals['_MODELINFO']._serialized_start=2503
-  _globals['_MODELINFO']._serialized_end=2818
-  _globals['_ABORTREQUEST']._serialized_start=2820
-  _globals['_ABORTREQUEST']._serialized_end=2854
-  _globals['_ABORTRESPONSE']._serialized_start=2856
-  _globals['_ABORTRESPONSE']._serialized_end=2886
-  _globals['_INFERENCE']._serialized_start=2889
-  _globals['_INFERENCE']._serialized_end=3289
+  _globals['_SAMPLINGPARAMS']._serialized_end=1207
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=858
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=906
+  _globals['_CHOICES']._serialized_start=1209
+  _globals['_CHOICES']._serialized_end=1235
+  _globals['_GENERATEREQUEST']._serialized_start=1238
+  _globals['_GENERATEREQUEST']._serialized_end=1430
+  _globals['_TOPLOGPROB']._serialized_start=1432
+  _globals['_TOPLOGPROB']._serialized_end=1479
+  _globals['_TOKENLOGPROB']._serialized_start=1481
+  _globals['_TOKENLOGPROB']._serialized_end=1564
+  _globals['_USAGE']._serialized_start=1566
+  _globals['_USAGE']._serialized_end=1653
+  _globals['_GENERATERESPONSE']._serialized_start=1656
+  _globals['_GENERATERESPONSE']._serialized_end=1948
+  _globals['_COMPLETION']._serialized_start=1951
+  _globals['_COMPLETION']._serialized_end=2194
+  _globals['_GENERATEREPLY']._serialized_start=2197
+  _globals['_GENERATEREPLY']._serialized_end=2353
+  _globals['_TOKENIZEREQUEST']._serialized_start=2356
+  _globals['_TOKENIZEREQUEST']._serialized_end=2493
+  _globals['_TOKENIZERESPONSE']._serialized_start=2495
+  _globals['_TOKENIZERESPONSE']._serialized_end=2570
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2572
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2668
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2670
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2704
+  _globals['_MODELINFOREQUEST']._serialized_start=2706
+  _globals['_MODELINFOREQUEST']._serialized_end=2724
+  _globals['_CACHESTATE']._serialized_start=2727
+  _globals['_CACHESTATE']._serialized_end=2871
+  _globals['_MODELINFO']._serialized_start=2874
+  _globals['_MODELINFO']._serialized_end=3189
+  _globals['_ABORTREQUEST']._serialized_start=3191
+  _globals['_ABORTREQUEST']._serialized_end=3225
+  _globals['_ABORTRESPONSE']._serialized_start=3227
+  _globals['_ABORTRESPONSE']._serialized_end=3257
+  _globals['_INFERENCE']._serialized_start=3260
+  _globals['_INFERENCE']._serialized_end=3660
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,9 @@ _FIELDS = frozenset((
     "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "stop_token_ids", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "ignore_eos", "min_tokens",
     "best_of", "include_stop_str_in_output", "skip_special_tokens", "response_format", "tools", "functions",
-    "suffix", "echo", "stream", "stream_options", "use_beam_search", "prompt_logprobs"))
+    "suffix", "echo", "stream", "stream_options", "use_beam_search", "prompt_logprobs",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_json_object",
+    "guided_whitespace_pattern", "tool_choice", "parallel_tool_calls"))
 
 
 class ServingError(Exception):

@@ -13,8 +13,11 @@ class ServingOptions:
     api_key: str | None = dataclasses.field(default=None, repr=False)   # require `authorization: Bearer <key>`
     served_model_name: str | None = None  # the name reported and expected (default: the --model value)
     limits: PromptLimits = PromptLimits()
+    tool_call_parser: str | None = None   # hermes | llama3_json (None: chosen from the chat template)
 
     def __post_init__(self):
+        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+            raise ValueError(f"--tool-call-parser must be hermes or llama3_json, got {self.tool_call_parser!r}")
         if self.max_queued is not None and self.max_queued < 0:
             raise ValueError(f"--max-queued must be >= 0, got {self.max_queued}")
 
@@ -34,6 +37,7 @@ class ServeOptions:
     max_message_bytes: int = 16 * 2**20
     served_model_name: str | None = None
     limits: PromptLimits = PromptLimits()
+    tool_call_parser: str | None = None
 
     def __post_init__(self):
         if self.port is None and self.http_port is None:
@@ -47,4 +51,5 @@ class ServeOptions:
 
     def serving(self) -> ServingOptions:
         return ServingOptions(max_queued=self.max_queued, api_key=self.api_key,
-                              served_model_name=self.served_model_name, limits=self.limits)
+                              served_model_name=self.served_model_name, limits=self.limits,
+                              tool_call_parser=self.tool_call_parser)

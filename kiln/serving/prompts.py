@@ -22,6 +22,14 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 Prompt = str | list[int] | list[dict[str, str]]
 
 
+class ChatMessages(list):
+    """Chat messages (a list of {role, content, ...}) with the tools the chat template is given (None: none)."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptLimits:
     max_messages: int = 1024               # chat messages per request
@@ -61,7 +69,11 @@ def check_messages(messages: Any, limits: PromptLimits = PromptLimits()) -> list
             raise InvalidRequest(f"messages[{i}].content is {len(content)} characters; the limit is "
                                  f"{limits.max_message_chars}", f"messages[{i}].content")
         total += len(content)
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):     # what tool conversations carry to the template
+            if m.get(key) is not None:
+                msg[key] = m[key]
+        out.append(msg)
     if total > limits.max_prompt_chars:
         raise InvalidRequest(f"messages hold {total} characters in all; the limit is {limits.max_prompt_chars}",
                              "messages")
@@ -78,7 +90,9 @@ def encode(tokenizer, prompt: Prompt, limits: PromptLimits = PromptLimits()) -> 
     if is_chat(prompt):
         messages = check_messages(prompt, limits)
         try:
-            return None, tokenizer.apply_chat_template(messages)
+            tools = getattr(prompt, "tools", None)
+            return None, (tokenizer.apply_chat_template(messages, tools=tools) if tools else
+                          tokenizer.apply_chat_template(messages))
         except Exception as e:   # noqa: BLE001 - templates raise what they like (jinja errors, ModelError)
             raise InvalidRequest(f"messages cannot be rendered by the model's chat template: {e}",
                                  "messages") from None

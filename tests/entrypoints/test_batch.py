@@ -90,7 +90,7 @@ def test_completion_line_to_params():
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logprobs": 50}), "invalid_request", "logprobs must be in"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logprobs": True}), "invalid_request", "integer"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "stream": True}), "invalid_request", "stream"),
-    (line("x", F.COMPLETIONS_URL, {"prompt": "a", "echo": True, "logprobs": 1}), "invalid_request", "echo"),
+    (line("x", F.COMPLETIONS_URL, {"prompt": "a", "suffix": "b"}), "invalid_request", "suffix"),
     (line("x", F.COMPLETIONS_URL, {"prompt": "a", "logit_bias": {"a": 1}}), "invalid_request", "logit_bias"),
     (line("x", F.CHAT_URL, {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}),
      "invalid_request", "top_logprobs needs logprobs"),
@@ -317,12 +317,17 @@ def test_job_on_the_mock_engine(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     good = [line(f"c{i}", F.COMPLETIONS_URL, {"prompt": f"prompt {i}", "max_tokens": 5, "temperature": 0,
                                               "n": 1 + i % 2}) for i in range(6)]
-    inp.write_text("\n".join(good + [line("bad", F.CHAT_URL, {"messages": [{"role": "bogus", "content": "x"}]})])
-                   + "\n")
+    good[0] = line("c0", F.COMPLETIONS_URL, {"model": "mock", "prompt": "prompt 0", "max_tokens": 5,
+                                             "temperature": 0, "n": 1})     # the served model, by name
+    inp.write_text("\n".join(good + [line("bad", F.CHAT_URL, {"messages": [{"role": "bogus", "content": "x"}]}),
+                                     line("other", F.COMPLETIONS_URL, {"model": "gpt-4o", "prompt": "x"})]) + "\n")
     eng = mock_llm_engine(max_num_seqs=4)
     stats = B.run_batch(eng, str(inp), out, progress=False)
-    assert (stats.ok, stats.failed) == (6, 1)
+    assert (stats.ok, stats.failed) == (6, 2)
     recs = {r["custom_id"]: r for r in read_records(out)}
+    other = recs["other"]     # the HTTP API's answer to an unknown model
+    assert other["response"]["status_code"] == 404 and other["error"]["code"] == "model_not_found"
+    assert other["response"]["body"]["error"]["code"] == "model_not_found" and "gpt-4o" in other["error"]["message"]
     assert recs["bad"]["response"]["status_code"] == 400 and "messages[0].role" in recs["bad"]["error"]["message"]
     for i in range(6):
         ref = eng.add_request(f"prompt {i}", SamplingParams(max_tokens=5, temperature=0, n=1 + i % 2))
@@ -357,7 +362,7 @@ def _mixed_job(n_total: int = 200, seed: int = 0, n_each_bad: int = 5):
         w = rng.choice(WORDS)
         if kind == "good" or (kind == "bad:dup" and not good_ids):
             chat = i % 2 == 0
-            body: dict = {"model": "whatever", "max_tokens": 8}
+            body: dict = {"max_tokens": 8}          # no model: the served one (a wrong one is a 404)
             sp = dict(max_tokens=8, temperature=0.0)
             variant = i % 5
             if variant == 1:

@@ -71,6 +71,20 @@ def _prefill_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, token
     return k_cache, v_cache, M.lm_head(params, last)                      # logits [B, V]
 
 
+def _prefill_lp_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
+                     block_tables, prefix_lens, q_lens, targets):
+    """A prefill that also scores the prompt: per position the logprob of targets [B, T] (the next prompt
+    token; -1: none) and the top-MAX_LOGPROBS, under the raw logits of every position ([B, T, V] in memory)."""
+    attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
+    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
+    logits = M.lm_head(params, h)                                         # [B, T, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)                               # [B, T]
+    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - lse   # [B, T]
+    top_v, top_i = jax.lax.top_k(logits, MAX_LOGPROBS)                    # [B, T, K]
+    last = jnp.take_along_axis(logits, jnp.maximum(q_lens - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, V]
+    return k_cache, v_cache, last, tgt, top_i.astype(jnp.int32), top_v - lse[..., None]
+
+
 def _decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
                  block_tables, context_lens):
     attend = M.attend_fn(block_tables, context_lens, jnp.ones_like(context_lens), scale, decode=True)
@@ -128,7 +142,7 @@ class JaxRunner(ModelRunner):
             logits = pl.abstract(jax.ShapeDtypeStruct((B, self.spec.vocab_size), jnp.float32))
             if not key.size:
                 return logits, flag
-            st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len)
+            st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len, self.spec.vocab_size)
             return logits, jax.tree.map(pl.abstract, st), flag
         if key.kind == "prefill":
             T, nbt = key.size, self.config.max_blocks_per_seq
@@ -204,9 +218,40 @@ class JaxRunner(ModelRunner):
                 self.load_or_compile(key)
         return key, self.executables[key]
 
+    # -- prompt logprobs ------------------------------------------------------------------------
+    def _prompt_lp_exe(self, key: GraphKey):
+        """The prompt-scoring prefill of a prefill bucket, compiled on first use (not in warmup's plan, nor
+        in the graph cache: only requests with prompt_logprobs run it)."""
+        exes = self.__dict__.setdefault("_lp_executables", {})
+        if key not in exes:
+            self.guard.check(f"prompt-logprobs {key}")
+            t0 = time.perf_counter()
+            step = partial(_prefill_lp_step, self.spec, self.spec.head_dim ** -0.5)
+            i32 = jax.ShapeDtypeStruct((key.batch, key.size), jnp.int32)
+            exes[key] = jax.jit(step, donate_argnums=(1, 2)).lower(*self._abstract_args(key), i32).compile()
+            self.compile_log.append((key, time.perf_counter() - t0))
+        return exes[key]
+
+    def _execute_prompt_lp(self, step: SchedulerOutput) -> StepResult:
+        rows, bs = step.rows, self.config.cache.block_size
+        key, _ = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
+        x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,
+                           table_width=self.config.max_blocks_per_seq)
+        targets = I.prompt_targets(rows, batch=key.batch, seq_len=key.size)
+        self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
+        self.k_cache, self.v_cache, logits, tgt, top_i, top_lp = self._prompt_lp_exe(key)(
+            self.params, self.k_cache, self.v_cache, x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens,
+            targets)
+        res = self._sample(rows, logits, key.batch)
+        tgt, top_i, top_lp = jax.device_get((tgt, top_i, top_lp))
+        res.prompt_logprobs = I.prompt_logprob_entries(rows, targets, tgt, top_i, top_lp)
+        return res
+
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> StepResult:
         rows, bs = step.rows, self.config.cache.block_size
+        if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in rows):
+            return self._execute_prompt_lp(step)
         if step.kind == "prefill":
             key, exe = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
             x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,
@@ -229,7 +274,7 @@ class JaxRunner(ModelRunner):
         if all(I.is_plain_greedy(r) for r in rows):
             res = self._graph_for("sample", B, 0)[1](*pl.inputs((logits, want_top)))
         else:
-            st = I.sampling_tensors(rows, batch=B, history_len=self.history_len)
+            st = I.sampling_tensors(rows, batch=B, history_len=self.history_len, vocab_size=self.spec.vocab_size)
             res = self._graph_for("sample", B, 1)[1](*pl.inputs((logits, st, want_top)))
         res: SampleOutput = jax.device_get(res)                     # the step's one host sync
         n = len(rows)

@@ -44,6 +44,7 @@ class TorchRunner(ModelRunner):
 
     name = "torch"
     compiled_kinds = ()                                         # nothing is compiled per shape
+    supports_prompt_logprobs = False                            # torch/model.py computes the last position only
 
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
@@ -91,7 +92,7 @@ class TorchRunner(ModelRunner):
         if not want_lp and all(I.is_plain_greedy(r) for r in rows):
             return StepResult(logits.argmax(-1).tolist(), [0.0] * len(rows), None)
         history = max((len(r.history) for r in rows), default=0)
-        st = I.sampling_tensors(rows, batch=len(rows), history_len=max(history, 1))
+        st = I.sampling_tensors(rows, batch=len(rows), history_len=max(history, 1), vocab_size=logits.shape[-1])
         out = sampler.sample(logits, st, num_logprobs=want_lp)
         top = None
         if want_lp:

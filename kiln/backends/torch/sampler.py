@@ -2,7 +2,8 @@
 framework. Semantics are those of the reference, kiln/kernels/sampling.py (vLLM v1's order), row by row:
 
     raw logits [n, V] ──> logsumexp, top-N logprobs (only when some row asked)
-        ├─ logit bias, min_tokens (the row's own eos + stop ids -> -inf while active)      process()
+        ├─ grammar bitmask (structured outputs: disallowed tokens -> -inf)                 process()
+        ├─ logit bias, min_tokens (the row's own eos + stop ids -> -inf while active)
         ├─ penalties: repetition (prompt + output), frequency and presence (output)        [rows that have them]
         ├─ greedy rows: argmax (first index of the maximum)
         └─ other rows: / temperature, min_p, then top-k / top-p decided from a partial topk (CANDIDATE_WIDTHS;
@@ -67,9 +68,24 @@ def apply_penalties(x: torch.Tensor, history: np.ndarray, prompt_lens: np.ndarra
     return x - torch.from_numpy(presence)[:, None] * (counts > 0).float()          # [m, V]
 
 
-def process(x: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """Logit bias, min_tokens suppression and penalties on x [n, V] (in place where it can); returns x."""
+def apply_bitmask(x: torch.Tensor, bitmask: np.ndarray) -> torch.Tensor:
+    """Tokens a row's bitmask [n, W] i32 does not allow -> -inf on x [n, V], in place (rows of all -1 untouched)."""
     n, V = x.shape
+    rows = np.nonzero((bitmask[:n] != -1).any(-1))[0] if bitmask.shape[-1] else np.zeros(0, np.int64)
+    if rows.size:
+        bits = torch.from_numpy(bitmask[rows])                                     # [g, W]
+        allowed = ((bits[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool()   # [g, W, 32]
+        allowed = allowed.reshape(len(rows), -1)[:, :V]                            # [g, V]
+        r = torch.from_numpy(rows)
+        x[r] = x[r].masked_fill(~allowed, float("-inf"))
+    return x
+
+
+def process(x: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Grammar bitmask, logit bias, min_tokens suppression and penalties on x [n, V] (in place where it can);
+    returns x."""
+    n, V = x.shape
+    apply_bitmask(x, st.bitmask)
     bias = st.bias_ids[:n]                                                         # [n, NB]
     r, j = np.nonzero(bias >= 0)
     if r.size:
@@ -204,7 +220,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, *, num_logprobs: int = 0) 
     num_logprobs > 0: the sampled tokens' logprobs and the top num_logprobs of every row (raw logits)."""
     n, V = logits.shape
     temperature = st.temperature[:n]
-    modifies = bool((st.bias_ids[:n] >= 0).any() or st.min_tokens_active[:n].any()
+    modifies = bool((st.bias_ids[:n] >= 0).any() or st.min_tokens_active[:n].any() or (st.bitmask[:n] != -1).any()
                     or (st.repetition_penalty[:n] != 1.0).any() or (st.frequency_penalty[:n] != 0.0).any()
                     or (st.presence_penalty[:n] != 0.0).any())
     raw = logits
