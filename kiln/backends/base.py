@@ -84,6 +84,10 @@ class ModelRunner(abc.ABC):
     def stats(self) -> RunnerStats:
         """A snapshot of this runner's counters."""
 
+    def prompt_logprobs_unavailable(self) -> str | None:
+        """Why this runner cannot score prompts now (prompt_logprobs, echo), or None when it can."""
+        return None
+
     @classmethod
     def kv_bytes_per_block(cls, *, spec: ModelSpec, block_size: int, kv_dtype: str) -> int:
         """Bytes of K and V one cache block takes on this backend (the planner sizes the cache with it)."""

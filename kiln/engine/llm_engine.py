@@ -114,9 +114,8 @@ class LLMEngine:
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
         self.structured.validate(params)
-        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", True):
-            raise ValueError(f"prompt_logprobs is not supported by the {self.runner.name} backend; use --backend "
-                             f"jax")
+        if params.prompt_logprobs is not None and (why := self.runner.prompt_logprobs_unavailable()):
+            raise ValueError(f"prompt_logprobs is not available: {why}")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_text: str | None = None) -> str:

@@ -81,3 +81,17 @@ def test_echo_logprobs_max_tokens_zero_over_http(engine, reference):
     finally:
         s.close()
         ae.shutdown()
+
+
+def test_refused_at_admission_when_serving_forbids_compiles(engine):
+    """A served engine (warmed up, guard armed, no lazy compiles) never compiles the scoring graph mid-step: the
+    request is a ValueError (400) naming the flag that allows it, before it is queued."""
+    guard = engine.runner.guard
+    saved = guard.armed, guard.allow_lazy
+    guard.armed, guard.allow_lazy = True, False
+    try:
+        with pytest.raises(ValueError, match="prompt_logprobs is not available: .*--allow-lazy-compile"):
+            engine.add_request([1, 2, 3], SamplingParams(max_tokens=1, prompt_logprobs=0))
+        assert not engine.has_unfinished()
+    finally:
+        guard.armed, guard.allow_lazy = saved

@@ -44,6 +44,6 @@ def test_the_range_is_checked():
 
 def test_a_backend_without_them_refuses_at_admission():
     eng = mock_engine()
-    eng.runner.supports_prompt_logprobs = False
-    with pytest.raises(ValueError, match="^prompt_logprobs is not supported by the mock backend"):
+    eng.runner.prompt_logprobs_unavailable = lambda: "no scoring here"
+    with pytest.raises(ValueError, match="^prompt_logprobs is not available: no scoring here"):
         eng.add_request("abc", SamplingParams(prompt_logprobs=1))

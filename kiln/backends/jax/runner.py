@@ -219,6 +219,12 @@ class JaxRunner(ModelRunner):
         return key, self.executables[key]
 
     # -- prompt logprobs ------------------------------------------------------------------------
+    def prompt_logprobs_unavailable(self) -> str | None:
+        if self.guard.armed and not self.guard.allow_lazy:
+            return ("the jax backend compiles its prompt-scoring graphs on first use, which this engine forbids "
+                    "after warmup; start it with --allow-lazy-compile")
+        return None
+
     def _prompt_lp_exe(self, key: GraphKey):
         """The prompt-scoring prefill of a prefill bucket, compiled on first use (not in warmup's plan, nor
         in the graph cache: only requests with prompt_logprobs run it)."""

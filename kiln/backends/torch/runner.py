@@ -44,7 +44,6 @@ class TorchRunner(ModelRunner):
 
     name = "torch"
     compiled_kinds = ()                                         # nothing is compiled per shape
-    supports_prompt_logprobs = False                            # torch/model.py computes the last position only
 
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
@@ -62,6 +61,9 @@ class TorchRunner(ModelRunner):
         self._stats = RunnerStats()
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", NB, bs,
                  (self.k_cache.nbytes + self.v_cache.nbytes) / 2**30)
+
+    def prompt_logprobs_unavailable(self) -> str | None:
+        return "the torch backend computes the last position only; use --backend jax"
 
     @classmethod
     def kv_bytes_per_block(cls, *, spec: ModelSpec, block_size: int, kv_dtype: str) -> int:
