@@ -32,7 +32,7 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.serving import prompts as P
 from kiln.serving.admission import Admission, Slots
 from kiln.serving.auth import ApiKey
-from kiln.serving.errors import Conflict, Internal, Unavailable, invalid
+from kiln.serving.errors import Conflict, Internal, ServingError, Unavailable, invalid
 from kiln.serving.health import Health, State
 from kiln.serving.latest import Latest
 from kiln.serving.metrics import RequestObserver, ServerMetrics
@@ -73,6 +73,8 @@ class Request:
             observe.finish()
         except EngineDeadError as e:
             raise Internal(str(e), self.request_id) from None
+        except ServingError:         # already a client-facing answer (e.g. a replica lost: Unavailable, retry)
+            raise
         except ValueError as e:      # rejected by the engine thread after the checks of submit()
             raise invalid(e, self.chat) from None
         except Exception as e:       # the engine failed this request only (e.g. a step's fault); it goes on

@@ -137,7 +137,8 @@ def test_a_request_through_the_core():
 
 def test_engine_errors_on_a_stream_become_kiln_errors():
     """What the engine raises on a request's stream: ValueError -> InvalidRequest naming the field, an engine that
-    stopped or any other failure -> Internal carrying the request id; the slots are released either way."""
+    stopped or any other failure -> Internal carrying the request id, a ServingError (a lost Ray replica's Unavailable)
+as it is, retryable; the slots are released either way."""
     from kiln.engine.async_engine import EngineDeadError
 
     class Failing:
@@ -156,7 +157,8 @@ def test_engine_errors_on_a_stream_become_kiln_errors():
         try:
             for error, kind, needle in [(ValueError("max_tokens must be at least 1"), E.InvalidRequest, "max_tokens"),
                                         (EngineDeadError("engine stopped: boom"), E.Internal, "request r"),
-                                        (RuntimeError("step failed"), E.Internal, "RuntimeError: step failed")]:
+                                        (RuntimeError("step failed"), E.Internal, "RuntimeError: step failed"),
+                                        (E.Unavailable("replica 1 died"), E.Unavailable, "replica 1 died")]:
                 core = ServingCore()
                 core.attach(Failing(real, error))
                 core.start_serving()
