@@ -14,6 +14,7 @@ last scheduled token and `pos` its position. On top of that, with the engine's s
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable
@@ -37,7 +38,7 @@ class MockRunner(ModelRunner):
         self.vocab = spec.vocab_size
         self.fault: Callable[[Any], None] | None = None
         self.step_seconds = 0.0
-        self.steps: list[Any] = []              # every SchedulerOutput executed, for tests
+        self.steps: collections.deque = collections.deque(maxlen=1024)   # the last SchedulerOutputs, for tests
         self._stats = RunnerStats()
 
     def _pick(self, row) -> int:
