@@ -27,11 +27,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     # plain multi-head attention, tied embeddings
     "llama-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    # Mistral with GQA 4:1; no sliding window (kiln does not implement one)
-    "mistral": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None,
+    # Mistral with GQA 4:1 and a sliding window of 12 (not a multiple of the 16-token block): prompts of 33
+    # and 50 tokens and decodes past 12 see only their window
+    "mistral": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=12,
                                 rope_theta=1e6)),
-    # Qwen2: q/k/v bias (no o bias), tied
-    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen2: q/k/v bias (no o bias), tied; use_sliding_window from layer 1 on (window 20): one global layer,
+    # one sliding
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+                            use_sliding_window=True, sliding_window=20, max_window_layers=1)),
 }
 
 

@@ -95,6 +95,11 @@ class Layer:
     o: Linear                # H Dh -> D
     gate_up: Linear          # D -> 2F
     down: Linear             # F -> D
+    rope: int = 0            # index into Weights.ropes
+    q_norm: torch.Tensor | None = None          # [Dh] float32 (qk_norm)
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # [D] float32 (sandwich norms)
+    post_mlp_norm: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -104,8 +109,9 @@ class Weights:
     head: Linear           # D -> V
     head32: torch.Tensor | None  # [V, D] float32 head rows for re-scoring the top candidates (bf16 only)
     layers: list[Layer]
-    cos: torch.Tensor      # [max_pos, Dh] rope tables, float32
-    sin: torch.Tensor      # [max_pos, Dh] float32, the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
+    # per distinct RopeSpec: cos [max_pos, Dh] and sin [max_pos, Dh] float32, sin's first half negated:
+    # rope(x) = x cos + roll(x, Dh/2) sin
+    ropes: list[tuple[torch.Tensor, torch.Tensor]]
 
     def projections(self) -> list[Linear]:
         """Every layer's four projections, in order."""
@@ -120,17 +126,23 @@ class Weights:
         return sum(lin.int4 is not None for lin in self.projections())
 
 
-IMPLEMENTED: frozenset[str] = frozenset()   # ModelSpec.features() this backend runs (biases always do)
+# ModelSpec.features() this backend runs (biases, RoPE scaling and sliding windows always do)
+IMPLEMENTED: frozenset[str] = frozenset({
+    "qk_norm", "attention scale", "attention logit softcap", "sandwich-norm layers", "gelu_tanh activation",
+    "per-layer rope", "embedding scale", "final logit softcap", "rms_plus_one norm"})
+NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
 
-def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """cos/sin tables per distinct RopeSpec of the layers, and each layer's index into them."""
     from kiln.kernels.rope import inv_frequencies   # (kernels/rope.py imports jax for its other functions)
-    rope = spec.layers[0].attention.rope   # load_weights checked that every layer shares it
-    inv = torch.from_numpy(inv_frequencies(spec.head_dim, rope.theta, rope.scaling))         # [Dh/2]
-    f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                              # [P, Dh/2]
-    cos = torch.cat([f.cos(), f.cos()], -1)
-    sin = torch.cat([-f.sin(), f.sin()], -1)
-    return cos, sin
+    specs = list(dict.fromkeys(l.attention.rope for l in spec.layers))
+    tables = []
+    for rope in specs:
+        inv = torch.from_numpy(inv_frequencies(spec.head_dim, rope.theta, rope.scaling))     # [Dh/2]
+        f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                          # [P, Dh/2]
+        tables.append((torch.cat([f.cos(), f.cos()], -1), torch.cat([-f.sin(), f.sin()], -1)))
+    return tables, [specs.index(l.attention.rope) for l in spec.layers]
 
 
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
@@ -148,13 +160,18 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
         b = t(src.layer(i, name + "_bias")).to(dtype) if bias else None
         return Linear.of(w.to(dtype).contiguous(), b, lossless_int4(w) if int4 else None)
 
+    plus = 1.0 if spec.norm.kind == "rms_plus_one" else 0.0           # Gemma's (1 + weight), folded once
+    norm = lambda i, name: (t(src.layer(i, name)) + plus) if src.has_layer(name) else None   # float32
+    ropes, rope_of = rope_tables(spec, max_pos)
     layers = []
     for i, ls in enumerate(spec.layers):
         a, m = ls.attention, ls.mlp
         layers.append(Layer(
-            attn_norm=t(src.layer(i, "attn_norm")), mlp_norm=t(src.layer(i, "mlp_norm")),   # float32
+            attn_norm=norm(i, "attn_norm"), mlp_norm=norm(i, "mlp_norm"),
             qkv=linear(i, "qkv", a.qkv_bias), o=linear(i, "o", a.o_bias),
-            gate_up=linear(i, "gate_up", m.bias), down=linear(i, "down", m.bias)))
+            gate_up=linear(i, "gate_up", m.bias), down=linear(i, "down", m.bias), rope=rope_of[i],
+            q_norm=norm(i, "q_norm"), k_norm=norm(i, "k_norm"), post_attn_norm=norm(i, "post_attn_norm"),
+            post_mlp_norm=norm(i, "post_mlp_norm")))
     embed32 = t(src.get("embed"))
     embed = embed32.to(dtype).contiguous()
     head32 = embed32 if spec.tie_word_embeddings else t(src.get("head"))
@@ -162,9 +179,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
-    cos, sin = rope_tables(spec, max_pos)
-    w = Weights(embed, t(src.get("final_norm")), head, head32 if dtype != torch.float32 else None,
-                layers, cos, sin)
+    w = Weights(embed, t(src.get("final_norm")) + plus, head, head32 if dtype != torch.float32 else None,
+                layers, ropes)
     if int4:
         log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",
                  w.num_int4, 4 * spec.num_layers)
