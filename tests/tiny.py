@@ -1,4 +1,4 @@
-"""Tiny random-weight HF checkpoints (Llama, Mistral, Qwen2), written by transformers itself, for tests.
+"""Tiny random-weight HF checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3), written by transformers itself, for tests.
 
 `save_tiny_model(path, "llama-gqa")` writes `config.json`, `model.safetensors` (float32) and a byte-level
 tokenizer (256 byte tokens + `<s>`, `</s>`, so `vocab_size == len(tokenizer)`) into `path` and returns it.
@@ -35,17 +35,32 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # one sliding
     "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
                             use_sliding_window=True, sliding_window=20, max_window_layers=1)),
+    # Qwen3: q/k norms, untied, head_dim 24
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, rope_theta=1e6)),
+    # Gemma 3: a local layer (window 12, RoPE base 1e4) then a global one (base 1e6, linear scaling 4),
+    # sandwich and q/k norms, query_pre_attn_scalar 20 != head_dim 16, tied, GELU-tanh
+    "gemma3": ("gemma3", dict(head_dim=16, tie_word_embeddings=True, sliding_window=12, query_pre_attn_scalar=20,
+                              layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-6,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                               "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1e6}})),
+    # Gemma 2: attention and final logit soft-capping (small caps, so they bite), local + global, GQA 4:1
+    "gemma2": ("gemma2", dict(head_dim=16, num_key_value_heads=1, tie_word_embeddings=True, sliding_window=12,
+                              query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=5.0,
+                              final_logit_softcapping=15.0, rms_norm_eps=1e-6)),
 }
 
 
 def _classes(arch: str):
     import transformers as T
     return {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
-            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
+            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+            "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM), "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM)}[arch]
 
 
 def build_tiny_model(arch: str, seed: int = 0, **overrides):
-    """An in-memory random-weight transformers model. `arch` is a VARIANTS name or llama|mistral|qwen2."""
+    """An in-memory random-weight transformers model. `arch` is a VARIANTS name or a family key of _classes."""
     import torch
 
     family, kwargs = VARIANTS.get(arch, (arch, {}))

@@ -1,8 +1,10 @@
-"""The Llama checkpoint naming, shared by the families that use it (Llama, Mistral, Qwen2, and Qwen3 later):
+"""The Llama checkpoint naming, shared by the families that use it (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3):
 HF names -> kiln's layout, and llama.cpp's GGUF names -> HF names.
 
 HF: `model.embed_tokens`, `model.norm`, `lm_head`; layer i under `model.layers.{i}.`: `input_layernorm`,
-`self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, each `.weight` / `.bias`.
+`self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, each `.weight` / `.bias`;
+with q/k norms `self_attn.{q,k}_norm`; sandwich layers (Gemma) name their four norms `input_layernorm`,
+`post_attention_layernorm`, `pre_feedforward_layernorm`, `post_feedforward_layernorm`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ LLAMA_CPP_BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 2/3 (sandwich norms): llama.cpp's ffn_norm is the pre-feed-forward norm there
+GEMMA_CPP_BLOCK_NAMES = {**LLAMA_CPP_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm",
+                         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 
 
 def llama_layout(spec: ModelSpec) -> Layout:
@@ -53,6 +60,16 @@ def _layer(spec: ModelSpec, i: int, layer: LayerSpec) -> dict[str, Fused]:
         "gate_up": fused(*((n + ".weight", (rows, D)) for n, rows in gate_up)),
         "down": fused((m + "down_proj.weight", (D, F))),
     }
+    if layer.norms == "sandwich":
+        n = f"model.layers.{i}."
+        out["post_attn_norm"] = fused((n + "post_attention_layernorm.weight", (D,)))
+        out["mlp_norm"] = fused((n + "pre_feedforward_layernorm.weight", (D,)))
+        out["post_mlp_norm"] = fused((n + "post_feedforward_layernorm.weight", (D,)))
+    elif layer.norms != "pre":
+        raise ModelError(f"{spec.architecture}: the Llama naming has no {layer.norms}-norm layers")
+    if layer.attention.qk_norm:
+        out["q_norm"] = fused((a + "q_norm.weight", (Dh,)))
+        out["k_norm"] = fused((a + "k_norm.weight", (Dh,)))
     if layer.attention.qkv_bias:
         out["qkv_bias"] = fused(*((n + ".bias", (rows,)) for n, rows in qkv))
     if layer.attention.o_bias:

@@ -19,9 +19,11 @@ def cfg(arch: str, **kw) -> dict:
 
 
 def test_every_architecture_has_a_family():
-    assert registry.SUPPORTED_ARCHITECTURES == ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    assert registry.SUPPORTED_ARCHITECTURES == ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                                "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM")
     assert {a: registry.family_of(a).name for a in registry.SUPPORTED_ARCHITECTURES} == \
-        {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+        {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+         "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma"}
     for arch in registry.SUPPORTED_ARCHITECTURES:
         spec = ModelSpec.from_hf_config(cfg(arch))
         assert spec.architecture == arch and registry.family_of(spec) is registry.family_of(arch)
@@ -32,25 +34,26 @@ def test_model_type_names_the_architecture_when_architectures_is_missing():
     assert registry.architecture_of({"model_type": "qwen2", "architectures": []}) == "Qwen2ForCausalLM"
 
 
-@pytest.mark.parametrize("bad", [{"architectures": ["Gemma3ForCausalLM"]}, {"model_type": "gpt2"}, {}])
+@pytest.mark.parametrize("bad", [{"architectures": ["GPT2LMHeadModel"]}, {"model_type": "gpt2"}, {}])
 def test_unsupported_architecture_is_one_line_listing_the_supported(bad):
     with pytest.raises(ModelError) as e:
         registry.spec_from_config({**BASE, **bad})
     msg = str(e.value)
     assert msg.startswith("unsupported architecture") and "\n" not in msg
-    assert "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in msg
-    with pytest.raises(ModelError, match="unsupported architecture 'Phi3ForCausalLM'; supported: Llama"):
-        registry.family_of("Phi3ForCausalLM")
+    assert "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in msg
+    with pytest.raises(ModelError, match="unsupported architecture 'FalconForCausalLM'; supported: Llama"):
+        registry.family_of("FalconForCausalLM")
 
 
 def test_gguf_architectures():
-    assert registry.GGUF_ARCHITECTURES == ("llama", "qwen2")
+    assert registry.GGUF_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
+    assert registry.gguf_arch("gemma3").norm_shift == 1.0 and registry.gguf_arch("qwen3").norm_shift == 0.0
     llama, qwen2 = registry.gguf_arch("llama"), registry.gguf_arch("qwen2")
     assert (llama.architecture, llama.permute_qk) == ("LlamaForCausalLM", True)
     assert (qwen2.architecture, qwen2.permute_qk) == ("Qwen2ForCausalLM", False)
     assert llama.block_names["attn_q"] == "self_attn.q_proj" and llama.global_names["output.weight"] == "lm_head.weight"
-    with pytest.raises(ModelError, match="unsupported GGUF architecture 'gemma3'; supported: llama, qwen2"):
-        registry.gguf_arch("gemma3")
+    with pytest.raises(ModelError, match="unsupported GGUF architecture 'falcon'; supported: llama, qwen2, qwen3"):
+        registry.gguf_arch("falcon")
 
 
 def test_layout_fuses_qkv_and_gate_up_and_names_biases_from_the_layer_spec():

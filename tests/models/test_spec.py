@@ -134,7 +134,7 @@ def test_architecture_from_model_type_when_architectures_missing():
         assert ModelSpec.from_hf_config(cfg).architecture == arch
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "FalconForCausalLM"])
 def test_unknown_architecture_named_with_supported_list(arch):
     with pytest.raises(ModelError) as e:
         spec(architectures=[arch])
