@@ -49,6 +49,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                               query_pre_attn_scalar=16,
                               layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=5.0,
                               final_logit_softcapping=15.0, rms_norm_eps=1e-6)),
+    # Mixtral: 4 experts, top-2 (renormalised), sliding window 12
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                                sliding_window=12, rope_theta=1e6)),
+    # Qwen2-MoE: 4 experts of width 32, top-2 not renormalised, a gated shared expert of width 48, q/k/v bias
+    "qwen2-moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                    tie_word_embeddings=False)),
+    # Qwen3-MoE: q/k norms, 4 experts top-2 renormalised
+    "qwen3-moe": ("qwen3_moe", dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    norm_topk_prob=True, head_dim=24, tie_word_embeddings=False)),
+    # Phi-3: fused qkv / gate_up, partial rotary 0.5 of head_dim 16, sliding window 12
+    "phi3": ("phi3", dict(tie_word_embeddings=False, sliding_window=12, pad_token_id=0,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
 }
 
 
@@ -56,7 +69,9 @@ def _classes(arch: str):
     import transformers as T
     return {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
             "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
-            "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM), "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM)}[arch]
+            "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM), "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
+            "mixtral": (T.MixtralConfig, T.MixtralForCausalLM), "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM),
+            "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM)}[arch]
 
 
 def build_tiny_model(arch: str, seed: int = 0, **overrides):

@@ -37,6 +37,9 @@ class LinearRopeScaling:
 class RopeSpec:
     theta: float
     scaling: RopeScaling | LinearRopeScaling | None = None   # None: plain RoPE
+    rotary_dim: int | None = None     # partial rotary (Phi-3 partial_rotary_factor): the first dims rotate;
+                                      # the family's layout permutes q/k rows so backends see full-width RoPE
+                                      # with zero frequency on the rest (kernels/rope.inv_frequencies)
 
 
 @dataclasses.dataclass(frozen=True)

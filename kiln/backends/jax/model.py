@@ -20,7 +20,8 @@ import numpy as np
 from kiln.kernels.attention import paged_attention, write_kv
 from kiln.kernels.norms import rms_norm
 from kiln.kernels.rope import apply_rope, inv_frequencies, rope_tables
-from kiln.models.spec import LayerSpec, ModelSpec
+from kiln.kernels.moe import dense_experts, route, routed_experts  # noqa: F401 (dense: the benchmark's)
+from kiln.models.spec import LayerSpec, ModelSpec, MoeSpec
 from kiln.models.tensors import check_tensors, expected_shapes, source_tensors  # noqa: F401 (re-exported)
 
 Params = dict[str, Any]
@@ -28,7 +29,7 @@ GLOBALS = ("embed", "final_norm", "head", "final_softcap")   # final_softcap: a 
 # ModelSpec.features() this backend runs (biases, RoPE scaling and sliding windows always do)
 IMPLEMENTED: frozenset[str] = frozenset({
     "qk_norm", "attention scale", "attention logit softcap", "sandwich-norm layers", "gelu_tanh activation",
-    "per-layer rope", "embedding scale", "final logit softcap", "rms_plus_one norm"})
+    "per-layer rope", "embedding scale", "final logit softcap", "rms_plus_one norm", "mixture of experts"})
 NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 GLOBAL_WINDOW = 1 << 30       # the window of a global layer in the per-layer window array: never reached
 
@@ -42,9 +43,12 @@ def params_from_hf(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype) -> Pa
     io = lambda name, w: w + plus if name in NORMS else (w.T if w.ndim == 2 else w)   # [out, in] -> [in, out]
     p: Params = {"embed": jnp.asarray(src.get("embed"), dtype=dtype)}          # [V, D], a lookup table
     p.update({name: jnp.asarray(io(name, src.get(name)), dtype=dtype) for name in GLOBALS[1:] if name in src})
+    E = getattr(spec.layers[0].mlp, "num_experts", 0)
     for name in src.layout.layers[0]:                                          # e.g. qkv [L, D, (H+2KVH)*Dh]
-        p[name] = jnp.asarray(np.stack([io(name, src.layer(i, name)) for i in range(spec.num_layers)]),
-                              dtype=dtype)
+        get = lambda i: io(name, src.layer(i, name))
+        if name.startswith("experts_"):     # [E * out, in] -> [E, in, out]
+            get = lambda i: (lambda w: w.reshape(E, -1, w.shape[-1]).transpose(0, 2, 1))(src.layer(i, name))
+        p[name] = jnp.asarray(np.stack([get(i) for i in range(spec.num_layers)]), dtype=dtype)
     if spec.final_logit_softcap is not None:              # lm_head sees params, not the spec
         p["final_softcap"] = jnp.float32(spec.final_logit_softcap)
     return p
@@ -58,8 +62,26 @@ def _linear(x, w, b=None):
 ACT = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
+def _moe(mlp: MoeSpec, lw: dict[str, jax.Array], h):
+    """The routed experts (+ the sigmoid-gated shared expert) of h [B, T, D] -> [B, T, D]."""
+    B, T, D = h.shape
+    x = h.reshape(B * T, D)
+    w, ids = route(x, lw["router"], mlp.top_k, mlp.norm_topk)             # [N, k]
+    y = EXPERTS(x, w, ids, lw["experts_gate_up"], lw["experts_down"], ACT[mlp.act])   # [N, D]
+    if mlp.shared_expert_size:
+        g, u = jnp.split(_linear(x, lw["shared_gate_up"]), 2, axis=-1)
+        shared = _linear(ACT[mlp.act](g) * u, lw["shared_down"])         # [N, D]
+        y = y + jax.nn.sigmoid(_linear(x, lw["shared_gate"])) * shared
+    return y.reshape(B, T, D)
+
+
+EXPERTS = routed_experts     # scripts/bench_moe.py swaps in dense_experts to measure the difference
+
+
 def _mlp(ls: LayerSpec, lw: dict[str, jax.Array], h):
-    """The gated MLP of h [B, T, D] -> [B, T, D]."""
+    """The gated MLP (or mixture of experts) of h [B, T, D] -> [B, T, D]."""
+    if isinstance(ls.mlp, MoeSpec):
+        return _moe(ls.mlp, lw, h)
     bias = lambda name: lw[name] if ls.mlp.bias else None
     gu = _linear(h, lw["gate_up"], bias("gate_up_bias"))                  # [B, T, 2F]
     g, u = jnp.split(gu, 2, axis=-1)                                       # [B, T, F] each
@@ -117,7 +139,7 @@ def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Ar
     KVH, Dh = spec.num_kv_heads, spec.head_dim
     ls = spec.layers[0]                    # params_from_hf checked every layer runs this code
     ropes, rope_of = _ropes(spec)
-    tables = [rope_tables(positions, jnp.asarray(inv_frequencies(Dh, r.theta, r.scaling))) for r in ropes]
+    tables = [rope_tables(positions, jnp.asarray(inv_frequencies(Dh, r.theta, r.scaling, r.rotary_dim))) for r in ropes]
     cos_all = jnp.stack([c for c, _ in tables])                            # [R, B, T, 1, Dh]
     sin_all = jnp.stack([s for _, s in tables])
     sliding = spec.sliding_window is not None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kiln.backends.torch import kernels
 from kiln.backends.torch.weights import Layer, Weights
-from kiln.models.spec import LayerSpec, ModelSpec
+from kiln.models.spec import LayerSpec, ModelSpec, MoeSpec
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,33 @@ def _attend(st: _Step, ls: LayerSpec, lw: Layer, qkv: torch.Tensor, kc: torch.Te
 ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def _moe(mlp: MoeSpec, lw: Layer, h: torch.Tensor) -> torch.Tensor:
+    """The routed experts of h [N, D] (+ the sigmoid-gated shared expert) -> [N, D] float32. The N * k
+    (token, expert) pairs are sorted by expert; each selected expert runs once, on its own tokens only."""
+    N, k, act = h.shape[0], mlp.top_k, ACT[mlp.act]
+    probs = torch.softmax(F.linear(h.float(), lw.router), -1)                    # [N, E] float32
+    w, ids = probs.topk(k, -1)                                                    # [N, k]
+    if mlp.norm_topk:
+        w = w / w.sum(-1, keepdim=True)
+    flat = ids.view(-1)
+    order = flat.argsort(stable=True)                                             # [N*k] pairs by expert
+    tok, ws = order // k, w.view(-1)[order]
+    out = torch.zeros(N, h.shape[1])
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=mlp.num_experts).tolist()):
+        if n:
+            t = tok[start:start + n]
+            gate_up, down = lw.experts[e]
+            g, u = gate_up(h[t]).chunk(2, -1)
+            out.index_add_(0, t, down(act(g) * u).float() * ws[start:start + n, None])
+            start += n
+    if lw.shared is not None:
+        gate_up, down, gate = lw.shared
+        g, u = gate_up(h).chunk(2, -1)
+        out += torch.sigmoid(F.linear(h.float(), gate)) * down(act(g) * u).float()
+    return out
+
+
 def decoder_layer(ls: LayerSpec, lw: Layer, st: _Step, x: torch.Tensor, delta: torch.Tensor | None,
                   kc: torch.Tensor, vc: torch.Tensor, kern, spec: ModelSpec, dt: torch.dtype) -> torch.Tensor:
     """One layer (`pre` or `sandwich` norms). x [N, D] float32 first takes the previous layer's `delta` (in
@@ -126,8 +153,11 @@ def decoder_layer(ls: LayerSpec, lw: Layer, st: _Step, x: torch.Tensor, delta: t
     if sandwich:
         a = F.rms_norm(a.float(), (D,), lw.post_attn_norm, eps)
     h = _add_norm(kern, x, a, lw.mlp_norm, eps, dt)
-    g, u = lw.gate_up(h).chunk(2, -1)                                             # [N, F] each
-    m = lw.down(ACT[ls.mlp.act](g) * u)                                           # [N, D]
+    if isinstance(ls.mlp, MoeSpec):
+        m = _moe(ls.mlp, lw, h)                                                   # [N, D] float32
+    else:
+        g, u = lw.gate_up(h).chunk(2, -1)                                         # [N, F] each
+        m = lw.down(ACT[ls.mlp.act](g) * u)                                       # [N, D]
     return F.rms_norm(m.float(), (D,), lw.post_mlp_norm, eps) if sandwich else m
 
 
