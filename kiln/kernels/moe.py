@@ -3,7 +3,8 @@
     route(x, router, top_k, norm_topk)        -> weights [N, k] (float32), expert ids [N, k]
     routed_experts(x, ...)                     the selected experts only: the N*k (token, expert) pairs sorted
                                                by expert, each expert's group through its own weights by one
-                                               grouped matmul (`lax.ragged_dot`), scattered back weighted
+                                               grouped matmul (`lax.ragged_dot`), scattered back weighted (few
+                                               pairs: each gathers its expert's weights)
     dense_experts(x, ...)                      every expert on every token, weighted by a mostly-zero [N, E]
                                                gate matrix: the baseline scripts/bench_moe.py measures against
 
@@ -26,9 +27,17 @@ def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk: bool) -> tuple
 
 
 def routed_experts(x, w, ids, gate_up, down, act) -> jax.Array:
-    """x [N, D], routing (w, ids) [N, k], gate_up [E, D, 2F], down [E, F, D] -> [N, D]."""
+    """x [N, D], routing (w, ids) [N, k], gate_up [E, D, 2F], down [E, F, D] -> [N, D].
+    With no more pairs than experts (decode at small batch) each pair gathers its expert's weights instead:
+    only the chosen experts' weights are read (XLA:CPU's ragged_dot touches every group)."""
     N, k = ids.shape
     E = gate_up.shape[0]
+    if N * k <= E:
+        gu = jnp.einsum("nd,nkdf->nkf", x, gate_up[ids])                  # [N, k, 2F]
+        g, u = jnp.split(gu, 2, axis=-1)
+        y = jnp.einsum("nkf,nkfd->nkd", (act(g) * u).astype(x.dtype), down[ids],
+                       preferred_element_type=jnp.float32)                # [N, k, D]
+        return jnp.einsum("nkd,nk->nd", y, w).astype(x.dtype)
     flat = ids.reshape(-1)                                                 # [N*k] expert of each pair
     order = jnp.argsort(flat, stable=True)                                 # pairs grouped by expert
     tok = order // k                                                       # [N*k] token of each sorted pair
