@@ -1,4 +1,4 @@
-"""Tiny random-weight HF checkpoints (Llama, Mistral, Qwen2), written by transformers itself, for tests.
+"""Tiny random-weight HF checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3), written by transformers itself, for tests.
 
 `save_tiny_model(path, "llama-gqa")` writes `config.json`, `model.safetensors` (float32) and a byte-level
 tokenizer (256 byte tokens + `<s>`, `</s>`, so `vocab_size == len(tokenizer)`) into `path` and returns it.
@@ -27,22 +27,55 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     # plain multi-head attention, tied embeddings
     "llama-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    # Mistral with GQA 4:1; no sliding window (kiln does not implement one)
-    "mistral": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=None,
+    # Mistral with GQA 4:1 and a sliding window of 12 (not a multiple of the 16-token block): prompts of 33
+    # and 50 tokens and decodes past 12 see only their window
+    "mistral": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=12,
                                 rope_theta=1e6)),
-    # Qwen2: q/k/v bias (no o bias), tied
-    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen2: q/k/v bias (no o bias), tied; use_sliding_window from layer 1 on (window 20): one global layer,
+    # one sliding
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+                            use_sliding_window=True, sliding_window=20, max_window_layers=1)),
+    # Qwen3: q/k norms, untied, head_dim 24
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, rope_theta=1e6)),
+    # Gemma 3: a local layer (window 12, RoPE base 1e4) then a global one (base 1e6, linear scaling 4),
+    # sandwich and q/k norms, query_pre_attn_scalar 20 != head_dim 16, tied, GELU-tanh
+    "gemma3": ("gemma3", dict(head_dim=16, tie_word_embeddings=True, sliding_window=12, query_pre_attn_scalar=20,
+                              layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-6,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                               "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1e6}})),
+    # Gemma 2: attention and final logit soft-capping (small caps, so they bite), local + global, GQA 4:1
+    "gemma2": ("gemma2", dict(head_dim=16, num_key_value_heads=1, tie_word_embeddings=True, sliding_window=12,
+                              query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=5.0,
+                              final_logit_softcapping=15.0, rms_norm_eps=1e-6)),
+    # Mixtral: 4 experts, top-2 (renormalised), sliding window 12
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                                sliding_window=12, rope_theta=1e6)),
+    # Qwen2-MoE: 4 experts of width 32, top-2 not renormalised, a gated shared expert of width 48, q/k/v bias
+    "qwen2-moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                    tie_word_embeddings=False)),
+    # Qwen3-MoE: q/k norms, 4 experts top-2 renormalised
+    "qwen3-moe": ("qwen3_moe", dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    norm_topk_prob=True, head_dim=24, tie_word_embeddings=False)),
+    # Phi-3: fused qkv / gate_up, partial rotary 0.5 of head_dim 16, sliding window 12
+    "phi3": ("phi3", dict(tie_word_embeddings=False, sliding_window=12, pad_token_id=0,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
 }
 
 
 def _classes(arch: str):
     import transformers as T
     return {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "mistral": (T.MistralConfig, T.MistralForCausalLM),
-            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
+            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM), "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+            "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM), "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
+            "mixtral": (T.MixtralConfig, T.MixtralForCausalLM), "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM),
+            "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM)}[arch]
 
 
 def build_tiny_model(arch: str, seed: int = 0, **overrides):
-    """An in-memory random-weight transformers model. `arch` is a VARIANTS name or llama|mistral|qwen2."""
+    """An in-memory random-weight transformers model. `arch` is a VARIANTS name or a family key of _classes."""
     import torch
 
     family, kwargs = VARIANTS.get(arch, (arch, {}))

@@ -57,13 +57,9 @@ def make_plan(*, buckets: dict, env: Env, block_size: int, max_num_seqs: int, ma
 
 
 def resolve_max_len(spec: ModelSpec, max_model_len: int | None) -> int:
-    """max_model_len, or the model's limit capped at 2048; kiln attends over the whole context, so a
-    sliding-window model is exact only within its window."""
-    window = spec.sliding_window or spec.max_position_embeddings
-    max_len = max_model_len or min(spec.max_position_embeddings, 2048, window)
-    if max_len > window:
-        raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}; kiln does not "
-                         f"implement sliding-window attention, so set --max-model-len {window} or less")
+    """max_model_len, or the model's limit capped at 2048. Sliding-window layers attend over their window
+    only (both backends), so the context may exceed the window."""
+    max_len = max_model_len or min(spec.max_position_embeddings, 2048)
     if max_len > spec.max_position_embeddings:
         raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                          f"{spec.max_position_embeddings}")

@@ -10,8 +10,14 @@ import numpy as np
 from kiln.models.spec import LinearRopeScaling, RopeScaling
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | LinearRopeScaling | None) -> np.ndarray:
-    """The per-pair inverse frequencies, [head_dim // 2] float32, computed on the host once."""
+def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | LinearRopeScaling | None,
+                    rotary_dim: int | None = None) -> np.ndarray:
+    """The per-pair inverse frequencies, [head_dim // 2] float32, computed on the host once. With a partial
+    `rotary_dim`, the frequencies of a rotary_dim-wide RoPE come first and the remaining pairs get 0 (cos 1,
+    sin 0: unrotated); the layout has moved the pass-through dims of q and k there (models/phi3.py)."""
+    if rotary_dim is not None and rotary_dim < head_dim:
+        inv = inv_frequencies(rotary_dim, theta, scaling)
+        return np.concatenate([inv, np.zeros((head_dim - rotary_dim) // 2, np.float32)])
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if isinstance(scaling, LinearRopeScaling):  # transformers' _compute_linear_scaling_rope_parameters
         inv = inv / scaling.factor

@@ -24,6 +24,9 @@ class GgufArch:
     permute_qk: bool
     block_names: Mapping[str, str]      # "attn_q" -> "self_attn.q_proj"
     global_names: Mapping[str, str]     # "token_embd.weight" -> "model.embed_tokens.weight"
+    norm_shift: float = 0.0             # subtracted from every norm weight (llama.cpp stores Gemma's 1 + w)
+    # GGUF metadata -> the config.json fields this architecture adds to the common ones (gguf_loader._config)
+    config: Callable[[Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,6 +149,8 @@ def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
         freqs = _dequantize(by_name["rope_freqs.weight"])
         cfg["rope_scaling"] = _llama3_rope_scaling(freqs, cfg["rope_theta"],
                                                    cfg.get("head_dim", cfg["hidden_size"] // heads))
+    if family.config is not None:
+        cfg.update(family.config(get, cfg))
     return cfg
 
 
@@ -182,6 +184,8 @@ def load_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             w = unpermute_qk(w, n_heads)
         elif permuted and ".attn_k." in t.name:
             w = unpermute_qk(w, n_kv)
+        if family.norm_shift and t.name.endswith("norm.weight"):
+            w = w - family.norm_shift                 # llama.cpp stored 1 + w (Gemma); HF holds w
         tensors[name] = w
     log.info("loaded %s: %s, %d tensors (%s)", path.name, cfg["architectures"][0], len(tensors),
              ", ".join(sorted({t.tensor_type.name for t in reader.tensors})))

@@ -22,9 +22,11 @@ from kiln.models.spec import ModelError
 
 @dataclasses.dataclass(frozen=True)
 class Fused:
-    """One kiln tensor: these checkpoint tensors, with these shapes, concatenated along axis 0."""
+    """One kiln tensor: these checkpoint tensors, with these shapes, concatenated along axis 0, then (where
+    `perm` is given) its rows reordered: row r of the result is row perm[r] (Phi-3's partial rotary)."""
     sources: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    perm: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -73,7 +75,8 @@ class SourceTensors:
 
     def _fuse(self, f: Fused) -> np.ndarray:
         parts = [np.asarray(self._tensors[n], dtype=np.float32) for n in f.sources]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return w if f.perm is None else w[np.asarray(f.perm)]
 
 
 def check(layout: Layout, tensors: Mapping[str, np.ndarray]) -> None:

@@ -26,7 +26,7 @@ from kiln.models.family import Family, GgufArch
 from kiln.models.layout import Layout
 from kiln.models.spec import ModelError, ModelSpec
 
-FAMILIES = ("llama", "qwen2")   # module names under kiln/models/, one per family
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "mixtral", "qwen_moe", "phi3")   # module names under kiln/models/, one per family
 
 _families: tuple[Family, ...] = tuple(importlib.import_module(f"kiln.models.{m}").FAMILY for m in FAMILIES)
 _by_arch = {arch: f for f in _families for arch in f.architectures}

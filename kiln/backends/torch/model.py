@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kiln.backends.torch import kernels
 from kiln.backends.torch.weights import Layer, Weights
-from kiln.models.spec import ModelSpec
+from kiln.models.spec import LayerSpec, ModelSpec, MoeSpec
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _add_norm(kern, x, delta, weight, eps, dtype):
     return F.rms_norm(x, (x.shape[-1],), weight, eps).to(dtype)
 
 
-def _attention(q, k_ctx, v_ctx, mask, scale):
+def _attention(q, k_ctx, v_ctx, mask, scale, softcap=None):
     """q [B, T, H, Dh] over context k [B, KVH, Dh, S] and v [B, KVH, S, Dh] with additive mask [B, T, S]
     -> [B, T, H * Dh].
     Scores and probabilities stay float32: bf16 scores (~100 in magnitude for attention-sink heads) round by
@@ -51,8 +51,10 @@ def _attention(q, k_ctx, v_ctx, mask, scale):
     KVH = k_ctx.shape[1]
     G = H // KVH
     qg = q.float().view(B, T, KVH, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * T, Dh)  # [B, KVH, G*T, Dh]
-    s = torch.matmul(qg, k_ctx.float())                                               # [B, KVH, G*T, S]
-    s = s.view(B, KVH, G, T, -1) * scale + mask[:, None, None]                       # [B, KVH, G, T, S]
+    s = torch.matmul(qg, k_ctx.float()).view(B, KVH, G, T, -1) * scale                # [B, KVH, G, T, S]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s + mask[:, None, None]
     p = torch.softmax(s, -1).view(B, KVH, G * T, -1)
     o = torch.matmul(p, v_ctx.float())                                                # [B, KVH, G*T, Dh]
     return o.view(B, KVH, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, H * Dh).to(q.dtype)
@@ -67,45 +69,96 @@ class _Step:
     KVH: int
     Dh: int
     block_size: int
-    scale: float
-    cos: torch.Tensor                      # [N, Dh] float32, the rows of this step's positions
-    sin: torch.Tensor
+    cos: list[torch.Tensor]                # per rope table: [N, Dh] float32, the rows of this step's positions
+    sin: list[torch.Tensor]
     tables: torch.Tensor                   # [B, nbt] the blocks of each row's context
     kernel: object = None                  # decode: the csrc/ module; else the torch-ops path below
     ctx_lens: torch.Tensor | None = None   # decode: [B] context lengths, the new token included
-    mask: torch.Tensor | None = None       # torch-ops: [B, T, S] additive causal mask
+    masks: dict | None = None              # torch-ops: window (None: global) -> [B, T, S] additive mask
     new_blocks: torch.Tensor | None = None # torch-ops: [N] block and offset of each new token's slot
     new_offsets: torch.Tensor | None = None
-    cos_t: torch.Tensor | None = None      # torch-ops: [B, T, 1, Dh] in the compute dtype
-    sin_t: torch.Tensor | None = None
+    cos_t: list[torch.Tensor] | None = None   # torch-ops: per rope table, [B, T, 1, Dh] in the compute dtype
+    sin_t: list[torch.Tensor] | None = None
 
 
-def _attend(st: _Step, qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-    """RoPE, the new tokens' K/V written to their slots, attention over each row's context: qkv [N, (H+2KVH)*Dh]
-    -> [N, H*Dh]."""
+def _qk_norm(qkv: torch.Tensor, lw: Layer, H: int, KVH: int, Dh: int, eps: float) -> torch.Tensor:
+    """qkv [N, (H+2KVH)*Dh] with the q and k heads RMS-normed over head_dim (Qwen3, Gemma 3)."""
+    N = qkv.shape[0]
+    q = F.rms_norm(qkv[:, :H * Dh].float().view(N, H, Dh), (Dh,), lw.q_norm, eps)
+    k = F.rms_norm(qkv[:, H * Dh:(H + KVH) * Dh].float().view(N, KVH, Dh), (Dh,), lw.k_norm, eps)
+    return torch.cat([q.view(N, -1).to(qkv.dtype), k.view(N, -1).to(qkv.dtype), qkv[:, (H + KVH) * Dh:]], -1)
+
+
+def _attend(st: _Step, ls: LayerSpec, lw: Layer, qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """RoPE, the new tokens' K/V written to their slots, attention over each row's context (the layer's
+    window of it, for a sliding layer): qkv [N, (H+2KVH)*Dh] -> [N, H*Dh]."""
     B, T, H, KVH, Dh = st.B, st.T, st.H, st.KVH, st.Dh
+    at, r = ls.attention, lw.rope
     if st.kernel is not None:
-        return st.kernel.decode_attention(qkv, st.cos, st.sin, kc, vc, st.tables, st.ctx_lens, H, st.block_size,
-                                          st.scale)
+        return st.kernel.decode_attention(qkv.contiguous(), st.cos[r], st.sin[r], kc, vc, st.tables,
+                                          st.ctx_lens, H, st.block_size, scale, at.window or 0)
     N = B * T
-    qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), st.cos_t, st.sin_t)  # [B, T, H+KVH, Dh]
+    qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), st.cos_t[r], st.sin_t[r])  # [B, T, H+KVH, Dh]
     kc[st.new_blocks, :, :, st.new_offsets] = qk[:, :, H:].reshape(N, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
     vc[st.new_blocks, :, st.new_offsets] = qkv[:, (H + KVH) * Dh:].reshape(N, KVH, Dh).to(vc.dtype)
     k_ctx = kc[st.tables].permute(0, 2, 3, 1, 4).reshape(B, KVH, Dh, -1)             # [B, KVH, Dh, S]
     v_ctx = vc[st.tables].permute(0, 2, 1, 3, 4).reshape(B, KVH, -1, Dh)             # [B, KVH, S, Dh]
-    return _attention(qk[:, :, :H], k_ctx, v_ctx, st.mask, st.scale).view(N, H * Dh)
+    return _attention(qk[:, :, :H], k_ctx, v_ctx, st.masks[at.window], scale, at.logit_softcap).view(N, H * Dh)
 
 
-def decoder_layer(lw: Layer, st: _Step, x: torch.Tensor, delta: torch.Tensor | None, kc: torch.Tensor,
-                  vc: torch.Tensor, kern, eps: float, dt: torch.dtype) -> torch.Tensor:
-    """One pre-norm layer. x [N, D] float32 first takes the previous layer's `delta` (in place, fused into this
-    layer's first norm); returns this layer's own delta, the MLP output [N, D], for the next norm to add.
-    Biases are in lw's Linears where the LayerSpec has them (weights.load_weights)."""
+ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _moe(mlp: MoeSpec, lw: Layer, h: torch.Tensor) -> torch.Tensor:
+    """The routed experts of h [N, D] (+ the sigmoid-gated shared expert) -> [N, D] float32. The N * k
+    (token, expert) pairs are sorted by expert; each selected expert runs once, on its own tokens only."""
+    N, k, act = h.shape[0], mlp.top_k, ACT[mlp.act]
+    probs = torch.softmax(F.linear(h.float(), lw.router), -1)                    # [N, E] float32
+    w, ids = probs.topk(k, -1)                                                    # [N, k]
+    if mlp.norm_topk:
+        w = w / w.sum(-1, keepdim=True)
+    flat = ids.view(-1)
+    order = flat.argsort(stable=True)                                             # [N*k] pairs by expert
+    tok, ws = order // k, w.view(-1)[order]
+    out = torch.zeros(N, h.shape[1])
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=mlp.num_experts).tolist()):
+        if n:
+            t = tok[start:start + n]
+            gate_up, down = lw.experts[e]
+            g, u = gate_up(h[t]).chunk(2, -1)
+            out.index_add_(0, t, down(act(g) * u).float() * ws[start:start + n, None])
+            start += n
+    if lw.shared is not None:
+        gate_up, down, gate = lw.shared
+        g, u = gate_up(h).chunk(2, -1)
+        out += torch.sigmoid(F.linear(h.float(), gate)) * down(act(g) * u).float()
+    return out
+
+
+def decoder_layer(ls: LayerSpec, lw: Layer, st: _Step, x: torch.Tensor, delta: torch.Tensor | None,
+                  kc: torch.Tensor, vc: torch.Tensor, kern, spec: ModelSpec, dt: torch.dtype) -> torch.Tensor:
+    """One layer (`pre` or `sandwich` norms). x [N, D] float32 first takes the previous layer's `delta` (in
+    place, fused into this layer's first norm); returns this layer's own delta, the MLP output [N, D], for the
+    next norm to add. Biases are in lw's Linears where the LayerSpec has them (weights.load_weights)."""
+    eps, D = spec.norm.eps, x.shape[-1]
+    sandwich = ls.norms == "sandwich"
     h = _add_norm(kern, x, delta, lw.attn_norm, eps, dt)
-    a = _attend(st, lw.qkv(h), kc, vc)                                            # [N, H*Dh]
-    h = _add_norm(kern, x, lw.o(a), lw.mlp_norm, eps, dt)
-    g, u = lw.gate_up(h).chunk(2, -1)                                             # [N, F] each
-    return lw.down(F.silu(g) * u)                                                 # [N, D]
+    qkv = lw.qkv(h)                                                               # [N, (H+2KVH)*Dh]
+    if ls.attention.qk_norm:
+        qkv = _qk_norm(qkv, lw, st.H, st.KVH, st.Dh, eps)
+    scale = ls.attention.scale if ls.attention.scale is not None else st.Dh ** -0.5
+    a = lw.o(_attend(st, ls, lw, qkv, kc, vc, scale))                             # [N, D]
+    if sandwich:
+        a = F.rms_norm(a.float(), (D,), lw.post_attn_norm, eps)
+    h = _add_norm(kern, x, a, lw.mlp_norm, eps, dt)
+    if isinstance(ls.mlp, MoeSpec):
+        m = _moe(ls.mlp, lw, h)                                                   # [N, D] float32
+    else:
+        g, u = lw.gate_up(h).chunk(2, -1)                                         # [N, F] each
+        m = lw.down(ACT[ls.mlp.act](g) * u)                                       # [N, D]
+    return F.rms_norm(m.float(), (D,), lw.post_mlp_norm, eps) if sandwich else m
 
 
 def _step(spec: ModelSpec, w: Weights, block_size: int, pos: torch.Tensor, lens: torch.Tensor,
@@ -114,21 +167,28 @@ def _step(spec: ModelSpec, w: Weights, block_size: int, pos: torch.Tensor, lens:
     B, T = pos.shape
     Dh = spec.head_dim
     nbt = -(-int((positions[:B, 0] + q_lens[:B]).max()) // block_size)         # blocks of the longest context
-    st = _Step(B, T, spec.num_heads, spec.num_kv_heads, Dh, block_size, Dh ** -0.5,
-               w.cos[pos.view(-1)], w.sin[pos.view(-1)],                          # [N, Dh] float32
+    flat = pos.view(-1)
+    st = _Step(B, T, spec.num_heads, spec.num_kv_heads, Dh, block_size,
+               [c[flat] for c, _ in w.ropes], [s[flat] for _, s in w.ropes],      # [N, Dh] float32
                torch.from_numpy(np.ascontiguousarray(tables[:B, :nbt])).long())   # [B, nbt]
-    st.kernel = kernels.decode_kernel(Dh, block_size) if T == 1 else None          # decode: csrc/ kernel
+    softcap = any(l.attention.logit_softcap is not None for l in spec.layers)
+    st.kernel = kernels.decode_kernel(Dh, block_size) if T == 1 and not softcap else None   # decode: csrc/
     if st.kernel is not None:
         st.ctx_lens = pos[:, 0] + 1
         return st
     j = torch.arange(nbt * block_size)                                            # [S] context positions
     last = pos[:, :1] + lens[:, None] - 1                                         # [B, 1] last real position
-    causal = j[None, None, :] <= torch.minimum(pos, last)[:, :, None]            # [B, T, S]
-    st.mask = torch.zeros(causal.shape).masked_fill_(~causal, float("-inf"))     # [B, T, S]
+    q_pos = torch.minimum(pos, last)[:, :, None]                                  # [B, T, 1]
+    causal = j[None, None, :] <= q_pos                                            # [B, T, S]
+    st.masks = {}
+    for window in {l.attention.window for l in spec.layers}:
+        seen = causal if window is None else causal & (q_pos - j[None, None, :] < window)
+        st.masks[window] = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))   # [B, T, S]
     new_slots = torch.from_numpy(slots[:B]).long().reshape(-1)                    # [N]
     st.new_blocks, st.new_offsets = new_slots // block_size, new_slots % block_size
     dt = w.embed.dtype
-    st.cos_t, st.sin_t = st.cos.to(dt).view(B, T, 1, Dh), st.sin.to(dt).view(B, T, 1, Dh)
+    st.cos_t = [c.to(dt).view(B, T, 1, Dh) for c in st.cos]
+    st.sin_t = [s.to(dt).view(B, T, 1, Dh) for s in st.sin]
     return st
 
 
@@ -148,15 +208,20 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     dt, D = w.embed.dtype, w.embed.shape[1]
     eps, kern = spec.norm.eps, kernels.load()
     x = w.embed[tok.view(-1)].float()              # [N, D] the residual stream stays float32 (see module doc)
+    if spec.embed_scale is not None:
+        x *= spec.embed_scale
     delta = None                                   # what the previous layer adds to x, added by the next norm
-    for lw, kc, vc in zip(w.layers, k_cache, v_cache):
-        delta = decoder_layer(lw, st, x, delta, kc, vc, kern, eps, dt)
+    for ls, lw, kc, vc in zip(spec.layers, w.layers, k_cache, v_cache):
+        delta = decoder_layer(ls, lw, st, x, delta, kc, vc, kern, spec, dt)
     x += delta
     x = x.view(B, T, D)[torch.arange(B), lens - 1].contiguous()                   # [n, D] last real token
     x = _add_norm(kern, x, None, w.norm, eps, torch.float32)                      # [n, D] float32
     logits = w.head(x.to(dt)).float()                                             # [n, V]
     if w.head32 is not None:
         _rescore_top(logits, x, w.head32)
+    if spec.final_logit_softcap is not None:
+        cap = spec.final_logit_softcap
+        logits = cap * torch.tanh(logits / cap)
     return logits
 
 

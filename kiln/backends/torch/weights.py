@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.models.spec import ModelSpec
+from kiln.models.spec import ModelSpec, MoeSpec
 from kiln.models.tensors import source_tensors
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,16 @@ class Layer:
     mlp_norm: torch.Tensor   # [D] float32
     qkv: Linear              # D -> (H + 2 KVH) Dh, with the q/k/v bias where the AttentionSpec has one
     o: Linear                # H Dh -> D
-    gate_up: Linear          # D -> 2F
-    down: Linear             # F -> D
+    gate_up: Linear | None   # D -> 2F (None in a mixture-of-experts layer)
+    down: Linear | None      # F -> D
+    rope: int = 0            # index into Weights.ropes
+    router: torch.Tensor | None = None                  # [E, D] float32 (mixture of experts)
+    experts: list[tuple[Linear, Linear]] | None = None  # per expert: gate_up D -> 2F, down F -> D
+    shared: tuple[Linear, Linear, torch.Tensor] | None = None   # shared expert gate_up, down; its gate [1, D]
+    q_norm: torch.Tensor | None = None          # [Dh] float32 (qk_norm)
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # [D] float32 (sandwich norms)
+    post_mlp_norm: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -104,12 +112,18 @@ class Weights:
     head: Linear           # D -> V
     head32: torch.Tensor | None  # [V, D] float32 head rows for re-scoring the top candidates (bf16 only)
     layers: list[Layer]
-    cos: torch.Tensor      # [max_pos, Dh] rope tables, float32
-    sin: torch.Tensor      # [max_pos, Dh] float32, the first half negated: rope(x) = x cos + roll(x, Dh/2) sin
+    # per distinct RopeSpec: cos [max_pos, Dh] and sin [max_pos, Dh] float32, sin's first half negated:
+    # rope(x) = x cos + roll(x, Dh/2) sin
+    ropes: list[tuple[torch.Tensor, torch.Tensor]]
 
     def projections(self) -> list[Linear]:
-        """Every layer's four projections, in order."""
-        return [lin for l in self.layers for lin in (l.qkv, l.o, l.gate_up, l.down)]
+        """Every layer's projections (experts' included), in order."""
+        out = []
+        for l in self.layers:
+            out += [lin for lin in (l.qkv, l.o, l.gate_up, l.down) if lin is not None]
+            out += [lin for pair in (l.experts or []) for lin in pair]
+            out += list(l.shared[:2]) if l.shared else []
+        return out
 
     def bytes_read(self, m: int) -> int:
         """Weight bytes a step of m tokens reads (the bandwidth bound of small batches)."""
@@ -120,17 +134,23 @@ class Weights:
         return sum(lin.int4 is not None for lin in self.projections())
 
 
-IMPLEMENTED: frozenset[str] = frozenset()   # ModelSpec.features() this backend runs (biases always do)
+# ModelSpec.features() this backend runs (biases, RoPE scaling and sliding windows always do)
+IMPLEMENTED: frozenset[str] = frozenset({
+    "qk_norm", "attention scale", "attention logit softcap", "sandwich-norm layers", "gelu_tanh activation",
+    "per-layer rope", "embedding scale", "final logit softcap", "rms_plus_one norm", "mixture of experts"})
+NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
 
-def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """cos/sin tables per distinct RopeSpec of the layers, and each layer's index into them."""
     from kiln.kernels.rope import inv_frequencies   # (kernels/rope.py imports jax for its other functions)
-    rope = spec.layers[0].attention.rope   # load_weights checked that every layer shares it
-    inv = torch.from_numpy(inv_frequencies(spec.head_dim, rope.theta, rope.scaling))         # [Dh/2]
-    f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                              # [P, Dh/2]
-    cos = torch.cat([f.cos(), f.cos()], -1)
-    sin = torch.cat([-f.sin(), f.sin()], -1)
-    return cos, sin
+    specs = list(dict.fromkeys(l.attention.rope for l in spec.layers))
+    tables = []
+    for rope in specs:
+        inv = torch.from_numpy(inv_frequencies(spec.head_dim, rope.theta, rope.scaling, rope.rotary_dim))     # [Dh/2]
+        f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv                          # [P, Dh/2]
+        tables.append((torch.cat([f.cos(), f.cos()], -1), torch.cat([-f.sin(), f.sin()], -1)))
+    return tables, [specs.index(l.attention.rope) for l in spec.layers]
 
 
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
@@ -143,18 +163,34 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     t = lambda w: torch.from_numpy(w)
 
-    def linear(i: int, name: str, bias: bool) -> Linear:
-        w = t(src.layer(i, name))                                          # [out, in] float32
+    def linear(i: int, name: str, bias: bool, w: torch.Tensor | None = None) -> Linear:
+        w = t(src.layer(i, name)) if w is None else w                      # [out, in] float32
         b = t(src.layer(i, name + "_bias")).to(dtype) if bias else None
         return Linear.of(w.to(dtype).contiguous(), b, lossless_int4(w) if int4 else None)
 
+    def moe(i: int, mlp: MoeSpec) -> dict:
+        E = mlp.num_experts
+        gu, dn = t(src.layer(i, "experts_gate_up")).chunk(E), t(src.layer(i, "experts_down")).chunk(E)
+        out = {"router": t(src.layer(i, "router")), "gate_up": None, "down": None,
+               "experts": [(linear(i, "", False, g), linear(i, "", False, d)) for g, d in zip(gu, dn)]}
+        if mlp.shared_expert_size:
+            out["shared"] = (linear(i, "shared_gate_up", False), linear(i, "shared_down", False),
+                             t(src.layer(i, "shared_gate")))
+        return out
+
+    plus = 1.0 if spec.norm.kind == "rms_plus_one" else 0.0           # Gemma's (1 + weight), folded once
+    norm = lambda i, name: (t(src.layer(i, name)) + plus) if src.has_layer(name) else None   # float32
+    ropes, rope_of = rope_tables(spec, max_pos)
     layers = []
     for i, ls in enumerate(spec.layers):
         a, m = ls.attention, ls.mlp
+        mlp = moe(i, m) if isinstance(m, MoeSpec) else dict(gate_up=linear(i, "gate_up", m.bias),
+                                                             down=linear(i, "down", m.bias))
         layers.append(Layer(
-            attn_norm=t(src.layer(i, "attn_norm")), mlp_norm=t(src.layer(i, "mlp_norm")),   # float32
-            qkv=linear(i, "qkv", a.qkv_bias), o=linear(i, "o", a.o_bias),
-            gate_up=linear(i, "gate_up", m.bias), down=linear(i, "down", m.bias)))
+            attn_norm=norm(i, "attn_norm"), mlp_norm=norm(i, "mlp_norm"),
+            qkv=linear(i, "qkv", a.qkv_bias), o=linear(i, "o", a.o_bias), **mlp, rope=rope_of[i],
+            q_norm=norm(i, "q_norm"), k_norm=norm(i, "k_norm"), post_attn_norm=norm(i, "post_attn_norm"),
+            post_mlp_norm=norm(i, "post_mlp_norm")))
     embed32 = t(src.get("embed"))
     embed = embed32.to(dtype).contiguous()
     head32 = embed32 if spec.tie_word_embeddings else t(src.get("head"))
@@ -162,10 +198,9 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
-    cos, sin = rope_tables(spec, max_pos)
-    w = Weights(embed, t(src.get("final_norm")), head, head32 if dtype != torch.float32 else None,
-                layers, cos, sin)
+    w = Weights(embed, t(src.get("final_norm")) + plus, head, head32 if dtype != torch.float32 else None,
+                layers, ropes)
     if int4:
         log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",
-                 w.num_int4, 4 * spec.num_layers)
+                 w.num_int4, len(w.projections()))
     return w

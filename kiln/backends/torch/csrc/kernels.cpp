@@ -15,6 +15,7 @@
 //   v_cache  [NB, KVH, bs, Dh]
 //   tables   [B, NBt]                int64 block ids
 //   ctx_lens [B]                     int64 tokens of context, the new token's included
+//   window                           > 0: a sliding layer, the new token sees only the last `window` positions
 //   returns  [B, H Dh]               qkv's dtype
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -62,13 +63,13 @@ static inline void block_scores4(const float* qs, const TC* kb, float* s0, float
 // acc[g0 + j, c0 : c0 + 64] = sum_t p[g0 + j, t] V[t, c0 : c0 + 64] for 4 heads (p rows zero-padded) and one
 // 64-wide chunk of head_dim: 16 accumulators stay in registers over the whole context.
 template <typename TC, int DH, int BS>
-static inline void pv_chunk4(const float* p, int64_t Sp, int64_t S, const TC* vc, const int64_t* table,
-                             int64_t KVH, int64_t h, int c0, float* acc) {
+static inline void pv_chunk4(const float* p, int64_t Sp, int64_t t0, int64_t S, const TC* vc,
+                             const int64_t* table, int64_t KVH, int64_t h, int c0, float* acc) {
 #if defined(__AVX512F__)
   __m512 a[4][4];
   for (int j = 0; j < 4; ++j)
     for (int c = 0; c < 4; ++c) a[j][c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < S; ++t) {
+  for (int64_t t = t0; t < S; ++t) {
     const TC* v = vc + ((table[t / BS] * KVH + h) * BS + t % BS) * DH + c0;
     const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
     for (int j = 0; j < 4; ++j) {
@@ -87,7 +88,7 @@ static inline void pv_chunk4(const float* p, int64_t Sp, int64_t S, const TC* vc
 template <typename TQ, typename TC, int BS, int DH>
 static void decode_attention_impl(const TQ* qkv, const float* cos, const float* sin, TC* kc, TC* vc,
                                   const int64_t* tables, const int64_t* ctx_lens, TQ* out, int64_t B, int64_t H,
-                                  int64_t KVH, int64_t NBt, float scale) {
+                                  int64_t KVH, int64_t NBt, float scale, int64_t window) {
   static_assert(BS == 16, "block_scores4 reads K blocks of 16 positions");
   const int64_t G = H / KVH, W = (H + 2 * KVH) * DH;
   constexpr int HALF = DH / 2;
@@ -96,6 +97,7 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
     std::vector<float> s, acc(G * DH), acc4(G4 * DH), qs(G4 * DH, 0.f), inv(G);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, h = i % KVH, S = ctx_lens[b], nblk = (S + BS - 1) / BS, Sp = nblk * BS;
+      const int64_t t0 = window > 0 ? std::max<int64_t>(0, S - window) : 0;   // the first position seen
       const TQ* row = qkv + b * W;
       const float *c = cos + b * DH, *sn = sin + b * DH;
       auto rope = [&](const TQ* x, int d) {
@@ -116,7 +118,7 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
       }
       s.resize((G4 + 1) * Sp);                                          // + a scratch row for padded heads
       float* scratch = s.data() + G4 * Sp;
-      for (int64_t blk = 0; blk < nblk; ++blk) {                        // scores: s[g, t] = q[g] . K[t]
+      for (int64_t blk = t0 / BS; blk < nblk; ++blk) {                  // scores: s[g, t] = q[g] . K[t]
         const TC* kb = kc + (tables[b * NBt + blk] * KVH + h) * DH * BS; // [DH, BS]
         for (int64_t g = 0; g < G4; g += 4) {
           float* o[4];
@@ -124,11 +126,11 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
           block_scores4<TC, DH>(qs.data() + g * DH, kb, o[0], o[1], o[2], o[3]);
         }
       }
-      for (int64_t g = 0; g < G; ++g) {                                 // softmax over the S real positions
+      for (int64_t g = 0; g < G; ++g) {                                 // softmax over positions [t0, S)
         float* sg = s.data() + g * Sp;
-        const float m = *std::max_element(sg, sg + S);
+        const float m = *std::max_element(sg + t0, sg + S);
         float z = 0.f;
-        for (int64_t t = 0; t < S; ++t) z += (sg[t] = std::exp(sg[t] - m));
+        for (int64_t t = t0; t < S; ++t) z += (sg[t] = std::exp(sg[t] - m));
         inv[g] = 1.f / z;
       }
 #if defined(__AVX512F__)
@@ -136,14 +138,14 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
         for (int64_t g = 0; g < G4; g += 4) {
           const float* pg = s.data() + g * Sp;                          // rows past G: finite, discarded
           for (int c0 = 0; c0 < DH; c0 += 64)
-            pv_chunk4<TC, DH, BS>(pg, Sp, S, vc, tables + b * NBt, KVH, h, c0, acc4.data() + g * DH);
+            pv_chunk4<TC, DH, BS>(pg, Sp, t0, S, vc, tables + b * NBt, KVH, h, c0, acc4.data() + g * DH);
         }
         std::copy(acc4.begin(), acc4.begin() + G * DH, acc.begin());
       } else
 #endif
       {
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < S; ++t) {                               // acc[g] += p[g, t] V[t]
+        for (int64_t t = t0; t < S; ++t) {                              // acc[g] += p[g, t] V[t]
           const TC* v = vc + ((tables[b * NBt + t / BS] * KVH + h) * BS + t % BS) * DH;
           float vr[DH];
           for (int d = 0; d < DH; ++d) vr[d] = static_cast<float>(v[d]);
@@ -164,11 +166,12 @@ static void decode_attention_impl(const TQ* qkv, const float* cos, const float* 
 template <typename TQ, typename TC>
 static void dispatch_dh(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                         torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& tables,
-                        const torch::Tensor& ctx_lens, torch::Tensor& out, int64_t H, float scale) {
+                        const torch::Tensor& ctx_lens, torch::Tensor& out, int64_t H, float scale, int64_t window) {
   const int64_t B = qkv.size(0), Dh = cos.size(1), KVH = kc.size(1), NBt = tables.size(1);
   auto run = [&](auto impl) {
     impl(qkv.data_ptr<TQ>(), cos.data_ptr<float>(), sin.data_ptr<float>(), kc.data_ptr<TC>(), vc.data_ptr<TC>(),
-         tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), out.data_ptr<TQ>(), B, H, KVH, NBt, scale);
+         tables.data_ptr<int64_t>(), ctx_lens.data_ptr<int64_t>(), out.data_ptr<TQ>(), B, H, KVH, NBt, scale,
+         window);
   };
   switch (Dh) {   // kernels.HEAD_DIMS
     case 16: run(decode_attention_impl<TQ, TC, 16, 16>); break;
@@ -182,7 +185,7 @@ static void dispatch_dh(const torch::Tensor& qkv, const torch::Tensor& cos, cons
 
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                                torch::Tensor v_cache, torch::Tensor tables, torch::Tensor ctx_lens,
-                               int64_t num_heads, int64_t block_size, double scale) {
+                               int64_t num_heads, int64_t block_size, double scale, int64_t window) {
   const int64_t B = qkv.size(0), KVH = k_cache.size(1), Dh = cos.size(-1);
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (num_heads + 2 * KVH) * Dh,
               "qkv: [B, (H + 2 KVH) Dh] contiguous");
@@ -206,10 +209,10 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   TORCH_CHECK((qf || qkv.scalar_type() == torch::kBFloat16) && (cf || k_cache.scalar_type() == torch::kBFloat16),
               "qkv and the cache: float32 or bfloat16");
   const float sc = static_cast<float>(scale);
-  if (qf && cf) dispatch_dh<float, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
-  else if (qf) dispatch_dh<float, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
-  else if (cf) dispatch_dh<at::BFloat16, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
-  else dispatch_dh<at::BFloat16, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc);
+  if (qf && cf) dispatch_dh<float, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc, window);
+  else if (qf) dispatch_dh<float, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc, window);
+  else if (cf) dispatch_dh<at::BFloat16, float>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc, window);
+  else dispatch_dh<at::BFloat16, at::BFloat16>(qkv, cos, sin, k_cache, v_cache, tables, ctx_lens, out, num_heads, sc, window);
   return out;
 }
 
@@ -266,5 +269,7 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta (in place); rms_norm(x) * weight (CPU)");
   m.def("decode_attention", &decode_attention,
-        "rope + KV-cache write + attention of one decode step of one layer, over a paged KV cache (CPU)");
+        "rope + KV-cache write + attention of one decode step of one layer, over a paged KV cache (CPU)",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"),
+        py::arg("ctx_lens"), py::arg("num_heads"), py::arg("block_size"), py::arg("scale"), py::arg("window") = 0);
 }

@@ -1,0 +1,51 @@
+"""Qwen2-MoE and Qwen3-MoE: the Qwen2 / Qwen3 attention (q/k/v bias, resp. q/k norms) with a mixture of
+SiLU-gated experts: softmax router, top `num_experts_per_tok` of `num_experts`, renormalised only when
+`norm_topk_prob`; Qwen2-MoE adds an always-on shared expert scaled by sigmoid(shared_expert_gate(x)).
+
+config.json: a layer is sparse when it is not in `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0;
+models mixing dense and sparse layers are refused ("layers of different structure"). llama.cpp's GGUF MoE
+files (stacked 3-D expert tensors) are not read yet.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from kiln.models import hf_config
+from kiln.models.family import Family
+from kiln.models.naming import QWEN_MOE, llama_layout
+from kiln.models.qwen2 import layer_kinds
+from kiln.models.spec import AttentionSpec, LayerSpec, MlpSpec, ModelError, ModelSpec, MoeSpec
+
+
+def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
+    qwen3 = arch == "Qwen3MoeForCausalLM"
+    rope, act = hf_config.rope(cfg), hf_config.activation(cfg)
+    bias = bool(cfg.get("attention_bias", False)) if qwen3 else bool(cfg.get("qkv_bias", True))
+    shared = None if qwen3 else int(cfg["shared_expert_intermediate_size"])
+    moe = MoeSpec(num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+                  top_k=int(cfg["num_experts_per_tok"]),
+                  intermediate_size=int(cfg["moe_intermediate_size"]),
+                  norm_topk=bool(cfg.get("norm_topk_prob", False)), shared_expert_size=shared, act=act)
+    dense = MlpSpec(int(cfg["intermediate_size"]), act=act)
+    step, only = int(cfg.get("decoder_sparse_step", 1)), set(cfg.get("mlp_only_layers") or [])
+    window = cfg.get("sliding_window")
+    kinds = layer_kinds(cfg)
+    if "sliding_attention" in kinds and not window:
+        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
+
+    def layer(i: int, kind: str) -> LayerSpec:
+        slide = {"kind": "sliding", "window": int(window)} if kind == "sliding_attention" else {}
+        attention = AttentionSpec(rope=rope, qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3, **slide)
+        sparse = i not in only and (i + 1) % step == 0
+        return LayerSpec(attention, moe if sparse else dense)
+
+    return ModelSpec(**hf_config.model_fields(arch, cfg), layers=tuple(layer(i, k) for i, k in enumerate(kinds)))
+
+
+FAMILY = Family(
+    name="qwen_moe",
+    architectures={"Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe"},
+    spec_from_config=spec_from_config,
+    layout=partial(llama_layout, moe=QWEN_MOE),
+)
