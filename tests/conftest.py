@@ -29,10 +29,10 @@ def default_gguf() -> Path:
     return resolve_model("smollm2-135m-instruct", models_dir())
 
 
-def _build_hf_dir(gguf: Path, out: Path) -> None:
+def build_hf_dir(gguf: Path, out: Path) -> None:
     """Dequantise the GGUF to an fp32 HF folder with transformers (as /work/shared/peers/setup.sh does)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, f = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
@@ -40,7 +40,7 @@ def _build_hf_dir(gguf: Path, out: Path) -> None:
     cfg = m.config
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
-    plain = LlamaForCausalLM(cfg)
+    plain = type(m)(cfg)                        # the same class, without the GGUF quantisation config
     plain.load_state_dict(m.state_dict())
     plain.save_pretrained(out)
     tok.save_pretrained(out)
@@ -54,7 +54,7 @@ def default_hf_dir(default_gguf: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
         try:
-            _build_hf_dir(default_gguf, tmp)
+            build_hf_dir(default_gguf, tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private
             if out.exists():  # a partial folder from something else; ours are only ever renamed in whole
                 shutil.rmtree(out)

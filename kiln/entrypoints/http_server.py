@@ -194,11 +194,7 @@ class HttpServer:
         try:
             self.core.authenticate(request.headers.get("authorization"))
             engine = self.core.ready()
-            body = await self._body(request)
-            model = body.get("model")
-            if model is not None and model != self.core.model_name:
-                raise E.NotFound(f"The model `{model}` does not exist; this server serves "
-                                 f"`{self.core.model_name}`", "model")
+            body = self._check_model(await self._body(request))
             result = fn(engine, body)
         except E.ServingError as e:
             self.core.count(request.url.path, str(O.http_status(e)))
@@ -209,6 +205,14 @@ class HttpServer:
     @staticmethod
     def _error(e: E.ServingError) -> JSONResponse:
         return JSONResponse(O.error_body(e), status_code=O.http_status(e))
+
+    def _check_model(self, body: dict) -> dict:
+        """The body, if its `model` (optional) is the served one; else 404 model_not_found."""
+        model = body.get("model")
+        if model is not None and model != self.core.model_name:
+            raise E.NotFound(f"The model `{model}` does not exist; this server serves "
+                             f"`{self.core.model_name}` (GET /v1/models)", "model")
+        return body
 
     async def _body(self, request: Request) -> dict:
         raw = await request.body()
@@ -229,11 +233,7 @@ class HttpServer:
         try:
             self.core.authenticate(request.headers.get("authorization"))
             engine = self.core.ready()
-            body = await self._body(request)
-            model = body.get("model")
-            if model is not None and model != self.core.model_name:
-                raise E.NotFound(f"The model `{model}` does not exist; this server serves "
-                                 f"`{self.core.model_name}` (GET /v1/models)", "model")
+            body = self._check_model(await self._body(request))
             prompts, params = O.parse_body(body, chat)
             tools = None
             if chat:

@@ -20,25 +20,11 @@ from kiln import LLM
 from kiln.config import models_dir
 from kiln.models.fetch import resolve_model
 from tests.backends.test_model_vs_hf import LAZY, hf_greedy, hf_logits, kiln_greedy
+from tests.conftest import build_hf_dir
 from tests.tiny import load_hf
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,")
 NEW = 16
-
-
-def _build_hf_dir(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
-
-    d, f = str(gguf.parent), gguf.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
-    cfg = m.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    plain = Gemma3ForCausalLM(cfg)
-    plain.load_state_dict(m.state_dict())
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def gemma_hf(gemma_gguf):
     if not (out / "model.safetensors").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-hf-", dir=out.parent))
         try:
-            _build_hf_dir(gemma_gguf, tmp)
+            build_hf_dir(gemma_gguf, tmp)
             tmp.chmod(0o755)
             if out.exists():
                 shutil.rmtree(out)
