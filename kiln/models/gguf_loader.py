@@ -4,7 +4,10 @@ The flow: `gguf.GGUFReader` memory-maps the file; metadata under `{arch}.*` and 
 `config.json`-shaped dict; each tensor is dequantised on its own (`gguf.quants.dequantize`), renamed from
 llama.cpp's names (`blk.3.attn_q.weight`) to HF's (`model.layers.3.self_attn.q_proj.weight`) by the tables of
 the family that `general.architecture` names (models/registry.py), and where that family says so (llama) the
-Q/K rows get the inverse of the interleaving permutation `convert_hf_to_gguf.py` applies.
+Q/K rows get the inverse of the interleaving permutation `convert_hf_to_gguf.py` applies. MoE files: a file
+with `{arch}.expert_count` loads by the "{arch}+experts" entry where one is registered (Mixtral is "llama" with
+experts), each stacked expert tensor [n_expert, rows, cols] becomes one HF tensor per expert, and routing
+options kiln does not implement (sigmoid gating, expert weight scales, groups, leading dense layers) are refused.
 """
 from __future__ import annotations
 
@@ -92,10 +95,32 @@ def _llama3_rope_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict
 
 
 def _gguf_arch(meta: dict[str, Any], path: Path) -> GgufArch:
+    name = meta.get("general.architecture")
+    if meta.get(f"{name}.expert_count") and f"{name}+experts" in registry.GGUF_ARCHITECTURES:
+        name = f"{name}+experts"
     try:
-        return registry.gguf_arch(meta.get("general.architecture"))
+        return registry.gguf_arch(name)
     except ModelError as e:
         raise ModelError(f"{path.name}: {e}") from None
+
+
+# MoE options of llama.cpp's metadata and the one value of each that kiln's routed layer computes
+_MOE_DEFAULTS = {"expert_gating_func": 1, "expert_weights_scale": 1.0, "expert_group_count": 0,
+                 "expert_group_used_count": 0, "leading_dense_block_count": 0, "expert_shared_count": 1}
+
+
+def _check_moe(get, path: Path, norm_topk: bool) -> None:
+    """One-line ModelError naming a MoE option kiln does not implement (softmax routing over every expert)."""
+    for key, ok in _MOE_DEFAULTS.items():
+        v = get(key)
+        if v is not None and v != ok and not (key.startswith("expert_group") and v == 1):
+            what = " (1 = softmax, 2 = sigmoid)" if key == "expert_gating_func" else ""
+            raise ModelError(f"{path.name}: unsupported MoE option {key}={v!r}{what}; kiln implements {ok!r}")
+    if get("expert_used_count") is None:
+        raise ModelError(f"{path.name}: GGUF metadata has expert_count but no expert_used_count")
+    if get("expert_weights_norm") is not None and bool(get("expert_weights_norm")) != norm_topk:
+        raise ModelError(f"{path.name}: unsupported MoE option expert_weights_norm={get('expert_weights_norm')!r} "
+                         f"for this architecture")
 
 
 def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
@@ -106,6 +131,9 @@ def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    moe = get("expert_count") is not None
+    if moe and get("feed_forward_length") is None:     # an all-MoE model need not write the dense width
+        meta[f"{arch}.feed_forward_length"] = get("expert_feed_forward_length")
     missing = [k for k in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
                if get(k) is None]
     if missing:
@@ -150,7 +178,12 @@ def _config(meta: dict[str, Any], reader, path: Path) -> dict[str, Any]:
         cfg["rope_scaling"] = _llama3_rope_scaling(freqs, cfg["rope_theta"],
                                                    cfg.get("head_dim", cfg["hidden_size"] // heads))
     if family.config is not None:
-        cfg.update(family.config(get, cfg))
+        try:
+            cfg.update(family.config(get, cfg))
+        except TypeError:   # int(None): a field the family needs is not there
+            raise ModelError(f"{path.name}: GGUF metadata lacks a field {family.architecture} needs") from None
+    if moe:
+        _check_moe(get, path, bool(cfg.get("norm_topk_prob", True)))
     return cfg
 
 
@@ -163,6 +196,14 @@ def _dequantize(t) -> np.ndarray:
     except NotImplementedError as e:
         raise ModelError(f"GGUF tensor {t.name}: {e}") from None
     return np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def split_experts(w: np.ndarray, name: str, cfg: dict[str, Any], gguf_name: str) -> dict[str, np.ndarray]:
+    """A stacked expert tensor [n_expert, rows, cols] -> {HF name of expert e: w[e]}."""
+    n = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if w.ndim != 3 or w.shape[0] != n:
+        raise ModelError(f"GGUF tensor {gguf_name} has shape {w.shape}; expected [{n} experts, rows, cols]")
+    return {name.format(e=e): np.ascontiguousarray(w[e]) for e in range(n)}
 
 
 def load_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -186,7 +227,12 @@ def load_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             w = unpermute_qk(w, n_kv)
         if family.norm_shift and t.name.endswith("norm.weight"):
             w = w - family.norm_shift                 # llama.cpp stored 1 + w (Gemma); HF holds w
-        tensors[name] = w
+        if name.endswith("shared_expert_gate.weight") and w.ndim == 1:
+            w = w[None, :]                            # [D] -> HF's [1, D] (transformers does the same)
+        if "{e}" in name:
+            tensors.update(split_experts(w, name, cfg, t.name))
+        else:
+            tensors[name] = w
     log.info("loaded %s: %s, %d tensors (%s)", path.name, cfg["architectures"][0], len(tensors),
              ", ".join(sorted({t.tensor_type.name for t in reader.tensors})))
     return cfg, tensors

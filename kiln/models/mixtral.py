@@ -3,7 +3,9 @@ the top `num_experts_per_tok` of `num_local_experts` per token and their weights
 
 config.json: `sliding_window` makes every layer sliding, as Mistral v0.1. Checkpoint names: the experts live
 under `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down), the router is `block_sparse_moe.gate`.
-llama.cpp's GGUF Mixtral (stacked 3-D expert tensors) is not read yet.
+llama.cpp writes Mixtral as GGUF architecture "llama" (Q/K rows interleaved) with `llama.expert_count` /
+`llama.expert_used_count` and each layer's experts stacked into `ffn_{gate,up,down}_exps` [n_expert, ...]; the
+loader picks this entry ("llama+experts") over plain Llama when the expert count is there.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from functools import partial
 from typing import Any
 
 from kiln.models import hf_config
-from kiln.models.family import Family
-from kiln.models.naming import MIXTRAL_MOE, llama_layout
+from kiln.models.family import Family, GgufArch
+from kiln.models.naming import LLAMA_CPP_GLOBAL_NAMES, MIXTRAL_CPP_BLOCK_NAMES, MIXTRAL_MOE, llama_layout
 from kiln.models.spec import AttentionSpec, LayerSpec, ModelSpec, MoeSpec
 
 
@@ -30,4 +32,8 @@ FAMILY = Family(
     architectures={"MixtralForCausalLM": "mixtral"},
     spec_from_config=spec_from_config,
     layout=partial(llama_layout, moe=MIXTRAL_MOE),
+    gguf=(GgufArch("llama+experts", "MixtralForCausalLM", "mixtral", permute_qk=True,
+                   block_names=MIXTRAL_CPP_BLOCK_NAMES, global_names=LLAMA_CPP_GLOBAL_NAMES,
+                   config=lambda get, cfg: {"num_local_experts": int(get("expert_count")),
+                                            "num_experts_per_tok": int(get("expert_used_count"))}),),
 )

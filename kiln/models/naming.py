@@ -1,5 +1,6 @@
 """The Llama checkpoint naming, shared by the families that use it (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3):
-HF names -> kiln's layout, and llama.cpp's GGUF names -> HF names.
+HF names -> kiln's layout, and llama.cpp's GGUF names -> HF names (MoE experts: one stacked tensor -> one HF
+tensor per expert, at "{e}").
 
 HF: `model.embed_tokens`, `model.norm`, `lm_head`; layer i under `model.layers.{i}.`: `input_layernorm`,
 `self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, each `.weight` / `.bias`;
@@ -52,6 +53,20 @@ class MoeNames:
 
 MIXTRAL_MOE = MoeNames(block="block_sparse_moe.", gate="w1", up="w3", down="w2")
 QWEN_MOE = MoeNames()
+
+
+# MoE (llama.cpp's MoE blocks): the router, the experts stacked into one 3-D tensor [n_expert, rows, cols] per
+# projection (gguf_loader splits them at "{e}"), and Qwen2-MoE's shared expert with its sigmoid gate
+def llama_cpp_moe_names(names: MoeNames) -> dict[str, str]:
+    b, ex = names.block, f"{names.block}experts.{{e}}."
+    return {"ffn_gate_inp": b + names.router, "ffn_gate_exps": ex + names.gate, "ffn_up_exps": ex + names.up,
+            "ffn_down_exps": ex + names.down, "ffn_gate_shexp": b + names.shared + "gate_proj",
+            "ffn_up_shexp": b + names.shared + "up_proj", "ffn_down_shexp": b + names.shared + "down_proj",
+            "ffn_gate_inp_shexp": b + names.shared_gate}
+
+
+MIXTRAL_CPP_BLOCK_NAMES = {**LLAMA_CPP_BLOCK_NAMES, **llama_cpp_moe_names(MIXTRAL_MOE)}
+QWEN_MOE_CPP_BLOCK_NAMES = {**LLAMA_CPP_BLOCK_NAMES, **llama_cpp_moe_names(QWEN_MOE)}
 
 
 def llama_layout(spec: ModelSpec, moe: MoeNames | None = None) -> Layout:

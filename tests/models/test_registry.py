@@ -52,7 +52,9 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(bad):
 
 
 def test_gguf_architectures():
-    assert registry.GGUF_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
+    assert registry.GGUF_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "llama+experts",
+                                           "qwen2moe", "qwen3moe", "phi3")
+    assert registry.gguf_arch("llama+experts").architecture == "MixtralForCausalLM"
     assert registry.gguf_arch("gemma3").norm_shift == 1.0 and registry.gguf_arch("qwen3").norm_shift == 0.0
     llama, qwen2 = registry.gguf_arch("llama"), registry.gguf_arch("qwen2")
     assert (llama.architecture, llama.permute_qk) == ("LlamaForCausalLM", True)
