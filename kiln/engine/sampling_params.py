@@ -257,6 +257,9 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be at most {INT64_MAX}, got {_show(self.min_tokens)}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        if self.min_tokens and self.structured_outputs is not None:
+            # the grammar decides where the output ends: a short match would leave no allowed token at all
+            raise ValueError(f"min_tokens must be 0 when structured_outputs is set, got {self.min_tokens}.")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}.")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:

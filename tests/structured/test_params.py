@@ -52,3 +52,11 @@ def test_sampling_params_take_a_dict_or_the_object_and_the_key_keeps_property_or
     assert S(json=SCHEMA).key() != S(json=SCHEMA, disable_any_whitespace=False).key()
     with pytest.raises(ValueError, match="^structured_outputs must set exactly one"):
         SamplingParams(structured_outputs={})
+
+
+def test_min_tokens_is_refused_with_a_grammar():
+    """A grammar that can end before min_tokens would leave the sampler no allowed token (every grammar token
+    masked, the stop tokens banned): refused at the edge, naming both fields."""
+    with pytest.raises(ValueError, match="^min_tokens must be 0 when structured_outputs is set, got 4"):
+        SamplingParams(min_tokens=4, structured_outputs={"regex": "[ab]{1,3}"})
+    assert SamplingParams(min_tokens=0, structured_outputs={"regex": "[ab]{1,3}"}).min_tokens == 0
