@@ -85,6 +85,20 @@ class Servers:
         self.core.metrics.stop_http()
 
 
+def mock_servers(*, grpc: bool, http: bool, model_name: str, **engine_kwargs):
+    """A module fixture's body: Servers over an AsyncEngine on the mock engine (`engine_kwargs` are
+    build_config's), the engine as `.engine_`; closed and shut down after the yield."""
+    from tests.mock_engine import mock_engine
+    ae = AsyncEngine(mock_engine(**engine_kwargs))
+    s = Servers(ae, grpc=grpc, http=http, model_name=model_name)
+    s.engine_ = ae
+    try:
+        yield s
+    finally:
+        s.close()
+        ae.shutdown()
+
+
 def wait_idle(engine: AsyncEngine, timeout: float = 30) -> dict:
     """The engine's stats once it is idle; fails the test if it is not within `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -8,10 +8,9 @@ import openai
 import pytest
 
 from kiln.backends.mock import mock_logprob
-from kiln.engine.async_engine import AsyncEngine
 from kiln.entrypoints import batch as B
 from kiln.entrypoints.client import KilnClient
-from tests.entrypoints.serving import Servers, wait_idle
+from tests.entrypoints.serving import mock_servers, wait_idle
 from tests.mock_engine import mock_engine
 
 MODEL = "mock-model"
@@ -20,12 +19,7 @@ PROMPT = "echo me back"
 
 @pytest.fixture(scope="module")
 def servers():
-    ae = AsyncEngine(mock_engine())
-    s = Servers(ae, grpc=True, http=True, model_name=MODEL)
-    s.engine_ = ae
-    yield s
-    s.close()
-    ae.shutdown()
+    yield from mock_servers(grpc=True, http=True, model_name=MODEL)
 
 
 def test_echo_with_logprobs_and_max_tokens_zero(servers):

@@ -8,10 +8,9 @@ import urllib.request
 
 import pytest
 
-from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm import LLM
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.serving import Servers
+from tests.entrypoints.serving import mock_servers
 from tests.mock_engine import mock_engine
 
 MODEL = "mock-model"
@@ -19,12 +18,7 @@ MODEL = "mock-model"
 
 @pytest.fixture(scope="module")
 def server():
-    ae = AsyncEngine(mock_engine())
-    s = Servers(ae, grpc=False, http=True, model_name=MODEL)
-    s.engine_ = ae
-    yield s
-    s.close()
-    ae.shutdown()
+    yield from mock_servers(grpc=False, http=True, model_name=MODEL)
 
 
 def post(s, path, body) -> tuple[int, dict]:

@@ -13,12 +13,11 @@ import openai
 import pytest
 
 from kiln.backends.mock import next_token
-from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch as B
 from kiln.entrypoints.client import KilnClient
 from kiln.structured.params import StructuredOutputsParams as S
-from tests.entrypoints.serving import Servers, wait_idle
+from tests.entrypoints.serving import mock_servers, wait_idle
 from tests.mock_engine import mock_engine
 
 MODEL = "mock-model"
@@ -78,12 +77,7 @@ def test_the_request_ends_when_the_grammar_terminates_even_with_ignore_eos():
 
 @pytest.fixture(scope="module")
 def servers():
-    ae = AsyncEngine(mock_engine(max_num_seqs=4))
-    s = Servers(ae, grpc=True, http=True, model_name=MODEL)
-    s.engine_ = ae
-    yield s
-    s.close()
-    ae.shutdown()
+    yield from mock_servers(grpc=True, http=True, model_name=MODEL, max_num_seqs=4)
 
 
 def client(s):

@@ -10,11 +10,10 @@ import jsonschema
 import openai
 import pytest
 
-from kiln.engine.async_engine import AsyncEngine
 from kiln.tools import parsers
 from kiln.tools.output import ToolStream, ToolUse
 from kiln.tools.spec import from_body
-from tests.entrypoints.serving import Servers, wait_idle
+from tests.entrypoints.serving import mock_servers, wait_idle
 from tests.mock_engine import mock_engine
 
 MODEL = "mock-model"
@@ -70,12 +69,7 @@ def test_bad_tool_fields(body, field):
 
 @pytest.fixture(scope="module")
 def server():
-    ae = AsyncEngine(mock_engine(max_num_seqs=4, max_model_len=2048, num_blocks=1024))   # byte-level prompts
-    s = Servers(ae, grpc=False, http=True, model_name=MODEL)
-    s.engine_ = ae
-    yield s
-    s.close()
-    ae.shutdown()
+    yield from mock_servers(grpc=False, http=True, model_name=MODEL, max_num_seqs=4, max_model_len=2048, num_blocks=1024)   # byte-level prompts
 
 
 def client(s):
