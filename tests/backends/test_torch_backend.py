@@ -242,25 +242,27 @@ def test_backend_dtype_and_kv_cache_dtype_resolution(tiny):
         make(backend="torch", kv_cache_dtype="fp8")
 
 
-def test_kernel_build_recovers_from_a_stale_lock(tmp_path, monkeypatch):
-    """A build killed half-way leaves torch's lock file; the next start must not wait on it forever."""
+def test_kernel_build_recovers_from_a_stale_lock():
+    """A build killed half-way leaves torch's lock file; the next start must not wait on it forever.
+
+    The lock goes into this session's built kernels (so ninja has nothing to rebuild): kept, torch's builder
+    would wait on it without end."""
     import os
     import time as _time
+    from pathlib import Path
 
     from kiln.backends.torch import kernels
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    built = kernels.load()
+    assert built is not None
+    lock = Path(built.__file__).parent / "lock"
+    lock.write_text("")
+    old = _time.time() - kernels.STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
     kernels.load.cache_clear()
     try:
-        first = kernels.load()                                        # builds into tmp_path
-        assert first is not None
-        build = next((tmp_path / "kernels").iterdir())
-        lock = build / "lock"
-        lock.write_text("")
-        old = _time.time() - kernels.STALE_LOCK_S - 10
-        os.utime(lock, (old, old))
-        kernels.load.cache_clear()
         assert kernels.load() is not None and not lock.exists()
     finally:
+        lock.unlink(missing_ok=True)
         kernels.load.cache_clear()
 
 

@@ -1,8 +1,9 @@
 """kiln's own CPU kernels for the torch backend (csrc/), built once per machine and kept in the cache.
 
 They are compiled for the host CPU (-march=native) with PyTorch's extension builder, into
-$KILN_CACHE_DIR/kernels/<hash of source, torch version and CPU flags>, so a second process loads the built
-library in milliseconds. Where no compiler is available the model falls back to its torch-ops path (slower,
+$KILN_CACHE_DIR/kernels/<hash of source, torch install and CPU flags>, so a second process loads the built
+library in milliseconds. The source is compiled from a copy in that folder: checkouts of the same source at
+other paths share the build instead of rebuilding it for each other. Where no compiler is available the model falls back to its torch-ops path (slower,
 same results), with a warning.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def decode_kernel(head_dim: int, block_size: int):
 def load():
     """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built."""
     from torch.utils import cpp_extension
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
+                         + " ".join(CFLAGS).encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     build = cache_dir() / "kernels" / f"cpu-{key}"
     build.mkdir(parents=True, exist_ok=True)
@@ -46,9 +49,14 @@ def load():
         lock.unlink(missing_ok=True)
     if not (build / "kiln_cpu_kernels.so").exists():
         log.info("building kiln's CPU kernels for this machine (once, ~25 s) into %s", build)
+    source = build / SOURCE.name             # compiled from a copy: the build then names no checkout's path, so
+    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():   # checkouts of one source share it
+        tmp = build / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(SOURCE.read_bytes())
+        os.replace(tmp, source)
     t0 = time.perf_counter()
     try:
-        mod = cpp_extension.load(name="kiln_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        mod = cpp_extension.load(name="kiln_cpu_kernels", sources=[str(source)], extra_cflags=CFLAGS,
                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:   # no compiler, no headers, no ninja: the torch-ops path serves instead
         log.warning("could not build kiln's CPU kernels (%s); using the slower torch-ops path",
