@@ -144,7 +144,7 @@ def test_two_processes_warming_one_cache_at_once_both_come_up(model_dir, cache_d
     import subprocess
     import sys
     args = [sys.executable, "-m", "kiln.entrypoints.cli", "warmup", "--model", model_dir, "--backend", "jax",
-            "--max-model-len", "64", "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--kv-cache-gib", "0.01"]
+            "--max-model-len", "32", "--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--kv-cache-gib", "0.01"]
     env = {**os.environ, "KILN_CACHE_DIR": str(cache_dir)}
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
