@@ -86,7 +86,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool):
     decode = functools.lru_cache(maxsize=4096)(lambda t: engine.tokenizer.decode([t], skip_special_tokens=False))
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = O.Chunks(chat, params, head, decode, tools)
+        chunks = O.Chunks(chat, params, head, decode, tools, O.echo_of(body, prompts, chat))
         return _SSEResponse(_events(ctx, path, req, chunks, usage), req.close,
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
