@@ -21,8 +21,7 @@ from kiln.serving.deltas import DeltaTracker
 from kiln.serving.prompts import ChatMessages
 from kiln.serving.usage import Usage
 from kiln.tools import output as T
-from kiln.tools import parsers, prompt as tool_prompt
-from kiln.tools.spec import from_body as tools_from_body
+from kiln.tools import request as tool_request
 
 # kiln error -> (HTTP status, OpenAI error type, OpenAI error code)
 STATUS: dict[type, tuple[int, str, str | None]] = {
@@ -106,20 +105,12 @@ def parse_tools(body: dict, prompts: list, params: SamplingParams, template: str
     """A chat body's tools: the prompt carries them to the chat template; `required` / a named choice set
     the grammar that makes the output a call. Returns (prompts, ToolUse or None); raises InvalidRequest."""
     try:
-        spec = tools_from_body(body)
-        if spec is None:
-            return prompts, None
-        constraint = spec.constraint()
-        if constraint is not None:
-            if params.structured_outputs is not None:
-                raise ValueError("tool_choice required or named cannot be combined with response_format or "
-                                 "another output constraint.")
-            params.structured_outputs = constraint
-        name = parsers.select(template, parser)
+        messages, for_template, use = tool_request.prepare(body, prompts[0], params, template, parser)
     except ValueError as e:
         raise _bad(str(e), True) from None
-    messages, for_template = tool_prompt.with_tools(prompts[0], spec.template_tools(), template)
-    return [ChatMessages(messages, tools=for_template)], T.ToolUse(spec, name)
+    if use is None:
+        return prompts, None
+    return [ChatMessages(messages, tools=for_template)], use
 
 
 @dataclasses.dataclass
