@@ -4,6 +4,7 @@ own `hf` model (transformers) on an HF folder as the independent reference.
 
     pip install -e '.[eval]'
     python scripts/lm_eval_run.py                      # kiln serve on the default model, task kiln_mc
+    python scripts/lm_eval_run.py -- --backend jax     # other `kiln serve` arguments (replace the defaults)
     python scripts/lm_eval_run.py --hf ~/.cache/kiln/models/smollm2-135m-instruct-hf
     python scripts/lm_eval_run.py --base-url http://127.0.0.1:8000/v1/completions --model NAME   # a running server
 
@@ -27,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "scripts" / "lm_eval"
+# No full warmup (its ~100 graphs take ~15 minutes on 2 cores): the graphs this task needs compile on first use
+# (--allow-lazy-compile, always passed); short prompts, a few at a time.
+SERVE_DEFAULTS = ["--skip-warmup", "--max-model-len", "512", "--max-num-seqs", "8"]
 HF_DIR = Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln")) / "models" / \
     "smollm2-135m-instruct-hf"
 
@@ -88,7 +92,8 @@ def main() -> None:
     ap.add_argument("--hf", metavar="DIR", default=None,
                     help="instead: lm-eval's hf model (transformers, float32, CPU) on this HF folder")
     ap.add_argument("--startup-timeout", type=float, default=600)
-    ap.add_argument("serve_args", nargs="*", help="extra `kiln serve` arguments (after --)")
+    ap.add_argument("serve_args", nargs="*", help="`kiln serve` arguments (after --; default: "
+                    + " ".join(SERVE_DEFAULTS) + ")")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -99,7 +104,8 @@ def main() -> None:
                           args.limit, args.batch_size)
         label = f"hf {args.hf}"
     else:
-        proc, base = (None, None) if args.base_url else start_server(args.serve_args, args.startup_timeout)
+        proc, base = (None, None) if args.base_url else \
+            start_server(args.serve_args or SERVE_DEFAULTS, args.startup_timeout)
         url = args.base_url or f"{base}/v1/completions"
         try:
             result = evaluate("local-completions", {"base_url": url, "model": args.model if args.base_url else "kiln",
