@@ -3,7 +3,8 @@
     start(): bind (127.0.0.1 unless --host; TLS if --tls-cert/--tls-key, client certificates required and verified
             with --tls-client-ca), health NOT_SERVING, reflection on
     every kiln.v1 call: API key from metadata (UNAUTHENTICATED) ─> decodable message (INVALID_ARGUMENT)
-        ─> grpc_proto parses it ─> core.submit: validation, admission (see kiln/serving/core.py)
+        ─> grpc_proto parses it (tools: kiln/tools/request.prepare, as HTTP) ─> core.submit: validation,
+           admission (see kiln/serving/core.py)
         ─> outputs streamed as per-sample deltas (Generate) or one reply (GenerateUnary)
         client cancel / disconnect / deadline ─> the core's stream is closed ─> abort ─> blocks freed
     kiln errors -> status codes: grpc_proto.STATUS. Health follows core.health: SERVING only while the core is
