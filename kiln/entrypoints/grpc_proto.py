@@ -2,6 +2,7 @@
 kiln's errors to gRPC status codes. No I/O here; grpc_server.py wires it to the network."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -12,8 +13,12 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.structured.params import StructuredOutputsParams
 from kiln.proto import inference_pb2 as pb
 from kiln.serving import errors as E
+from kiln.serving import prompts as P
 from kiln.serving.deltas import DeltaTracker
 from kiln.serving.usage import Usage
+from kiln.tools import output as T
+from kiln.tools import request as tool_request
+from kiln.tools.output import ToolUse
 
 STATUS = {E.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, E.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
           E.NotFound: grpc.StatusCode.NOT_FOUND, E.Conflict: grpc.StatusCode.ALREADY_EXISTS,
@@ -76,8 +81,56 @@ def structured_from_proto(m: pb.SamplingParams) -> StructuredOutputsParams | Non
     return StructuredOutputsParams(**{"json" if kind == "json_schema" else kind: value}, disable_any_whitespace=ws)
 
 
-def messages_from_proto(chat: pb.ChatMessages) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+def messages_from_proto(chat: pb.ChatMessages) -> list[dict]:
+    """The OpenAI message dicts (with an assistant's tool_calls and a tool message's tool_call_id), as the
+    HTTP API receives them."""
+    out = []
+    for m in chat.messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+def tool_fields(req: pb.GenerateRequest) -> dict:
+    """The request's tools as the OpenAI body fields kiln/tools reads; ValueError naming the field."""
+    fields: dict[str, Any] = {}
+    if req.tools:
+        try:
+            fields["tools"] = json.loads(req.tools)
+        except ValueError as e:
+            raise ValueError(f"tools must be the OpenAI tools list as JSON text: {e}") from None
+    choice = req.tool_choice
+    if choice.startswith("{"):
+        try:
+            fields["tool_choice"] = json.loads(choice)
+        except ValueError as e:
+            raise ValueError(f"tool_choice is not valid JSON: {e}") from None
+    elif choice:
+        fields["tool_choice"] = choice if choice in ("auto", "none", "required") else \
+            {"type": "function", "function": {"name": choice}}
+    if req.HasField("parallel_tool_calls"):
+        fields["parallel_tool_calls"] = req.parallel_tool_calls
+    return fields
+
+
+def tools_from_proto(req: pb.GenerateRequest, prompt, params: SamplingParams, template: str | None,
+                     parser: str | None) -> tuple[Any, ToolUse | None]:
+    """(prompt, ToolUse or None): a chat prompt with tools carries them to the chat template (and a required /
+    named choice sets the output grammar in params). Raises InvalidRequest naming the field."""
+    if not (req.tools or req.tool_choice):
+        return prompt, None
+    if not P.is_chat(prompt):
+        raise E.InvalidRequest("tools need a chat prompt (prompt.chat)", "tools")
+    try:
+        messages, for_template, use = tool_request.prepare(tool_fields(req), prompt, params, template, parser)
+    except ValueError as e:
+        raise E.invalid(e) from None
+    return (P.ChatMessages(messages, tools=for_template) if use else prompt), use
 
 
 def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
@@ -118,13 +171,45 @@ def usage_pb(out: RequestOutput) -> pb.Usage:
                     cached_prompt_tokens=u.cached_prompt_tokens)
 
 
-class Deltas:
-    """Cumulative RequestOutputs -> per-sample GenerateResponses (what is new since the last one)."""
+def tool_calls_pb(deltas: list[dict]) -> tuple[str, list[pb.ToolCall]]:
+    """kiln/tools' OpenAI-shaped deltas -> (content text, ToolCalls), pieces of the same call merged."""
+    text, calls = "", []
+    for d in deltas:
+        text += d.get("content") or ""
+        for tc in d.get("tool_calls", ()):
+            fn = tc.get("function", {})
+            if calls and calls[-1].index == tc["index"]:
+                calls[-1].arguments += fn.get("arguments", "")
+                continue
+            calls.append(pb.ToolCall(index=tc["index"], id=tc.get("id", ""), name=fn.get("name", ""),
+                                     arguments=fn.get("arguments", "")))
+    return text, calls
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+
+def _finish(c: CompletionOutput, made_calls: bool) -> str:
+    return "tool_calls" if made_calls and c.finish_reason == "stop" else c.finish_reason or ""
+
+
+class Deltas:
+    """Cumulative RequestOutputs -> per-sample GenerateResponses (what is new since the last one); with tools,
+    `text` is the content and tool calls stream as ToolCall deltas (kiln/tools/output.ToolStream)."""
+
+    def __init__(self, params: SamplingParams, tools: ToolUse | None = None):
+        self.params, self.tools = params, tools
         self.tracker = DeltaTracker()
         self.sent_prompt = False
+        self.streams: dict[int, T.ToolStream] = {}
+
+    def _tools(self, m: pb.GenerateResponse, c: CompletionOutput, d) -> None:
+        ts = self.streams.setdefault(c.index, T.ToolStream(self.tools))
+        deltas, made = ts.feed(d.text), False
+        if d.finishing:
+            rest, made = ts.finish()
+            deltas += rest
+        m.text, calls = tool_calls_pb(deltas)
+        m.tool_calls.extend(calls)
+        if d.finishing:
+            m.finish_reason = _finish(c, made)
 
     def __call__(self, out: RequestOutput) -> list[pb.GenerateResponse]:
         msgs = []
@@ -138,6 +223,8 @@ class Deltas:
             if d.finishing:
                 m.finish_reason = c.finish_reason
                 _set_stop_reason(m, c)
+            if self.tools is not None:
+                self._tools(m, c, d)
             msgs.append(m)
         if out.finished:
             if not msgs:
@@ -155,11 +242,17 @@ def prompt_logprobs_pb(out: RequestOutput, k: int) -> list[pb.TokenLogprob]:
     return logprobs_pb([e if e is not None else {t: float("nan")} for t, e in zip(ids, entries)], ids, k)
 
 
-def reply_pb(last: RequestOutput, params: SamplingParams) -> pb.GenerateReply:
+def reply_pb(last: RequestOutput, params: SamplingParams, tools: ToolUse | None = None) -> pb.GenerateReply:
     reply = pb.GenerateReply(request_id=last.request_id, usage=usage_pb(last))
     for c in last.outputs:
         m = reply.completions.add(index=c.index, text=c.text, token_ids=c.token_ids,
                                   finish_reason=c.finish_reason or "")
+        if tools is not None:
+            msg, made = T.message(tools, c.text)
+            m.text, m.finish_reason = msg["content"] or "", _finish(c, made)
+            m.tool_calls.extend(pb.ToolCall(index=i, id=tc["id"], name=tc["function"]["name"],
+                                            arguments=tc["function"]["arguments"])
+                                for i, tc in enumerate(msg.get("tool_calls", ())))
         if c.logprobs is not None:
             m.cumulative_logprob = c.cumulative_logprob
             m.logprobs.extend(logprobs_pb(c.logprobs, c.token_ids, params.logprobs or 0))

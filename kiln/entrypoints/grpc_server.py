@@ -3,7 +3,8 @@
     start(): bind (127.0.0.1 unless --host; TLS if --tls-cert/--tls-key, client certificates required and verified
             with --tls-client-ca), health NOT_SERVING, reflection on
     every kiln.v1 call: API key from metadata (UNAUTHENTICATED) ─> decodable message (INVALID_ARGUMENT)
-        ─> grpc_proto parses it ─> core.submit: validation, admission (see kiln/serving/core.py)
+        ─> grpc_proto parses it (tools: kiln/tools/request.prepare, as HTTP) ─> core.submit: validation,
+           admission (see kiln/serving/core.py)
         ─> outputs streamed as per-sample deltas (Generate) or one reply (GenerateUnary)
         client cancel / disconnect / deadline ─> the core's stream is closed ─> abort ─> blocks freed
     kiln errors -> status codes: grpc_proto.STATUS. Health follows core.health: SERVING only while the core is
@@ -56,9 +57,16 @@ class InferenceServicer:
         finally:
             self.core.count(method, status.name)
 
-    async def _run(self, request, context, params, on_output):
+    def _prepare(self, request, engine):
+        """(prompt, SamplingParams, ToolUse or None) of a GenerateRequest; raises InvalidRequest."""
+        params = G.sampling_params_from_proto(request.sampling_params)
+        prompt, tools = G.tools_from_proto(request, G.prompt_from_proto(request), params,
+                                           engine.tokenizer.chat_template, self.core.opts.tool_call_parser)
+        return prompt, params, tools
+
+    async def _run(self, request, context, prompt, params, on_output):
         """Submit a GenerateRequest and await `on_output(out)` for each cumulative output; returns the last."""
-        req = self.core.submit([G.prompt_from_proto(request)], params, request.request_id or None)
+        req = self.core.submit([prompt], params, request.request_id or None)
         last = None
         try:
             async with contextlib.aclosing(req.outputs()) as stream, asyncio.timeout(context.time_remaining()):
@@ -70,21 +78,21 @@ class InferenceServicer:
 
     async def Generate(self, request, context):
         async def run(engine):
-            params = G.sampling_params_from_proto(request.sampling_params)
-            deltas = G.Deltas(params)
+            prompt, params, tools = self._prepare(request, engine)
+            deltas = G.Deltas(params, tools)
 
             async def send(out):
                 for m in deltas(out):
                     await context.write(m)
-            await self._run(request, context, params, send)
+            await self._run(request, context, prompt, params, send)
         await self._call("Generate", request, context, run)
 
     async def GenerateUnary(self, request, context):
         async def run(engine):
             async def keep(out):
                 pass
-            params = G.sampling_params_from_proto(request.sampling_params)
-            return G.reply_pb(await self._run(request, context, params, keep), params)
+            prompt, params, tools = self._prepare(request, engine)
+            return G.reply_pb(await self._run(request, context, prompt, params, keep), params, tools)
         return await self._call("GenerateUnary", request, context, run)
 
     async def Tokenize(self, request, context):

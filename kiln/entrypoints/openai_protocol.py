@@ -1,12 +1,15 @@
 """The OpenAI protocol, with no I/O: request bodies -> (prompts, SamplingParams), outputs -> response bodies and
 stream chunks, kiln's errors -> HTTP status and OpenAI's error body `{"error": {message, type, param, code}}`.
 
+`echo` (completions) puts each prompt before its choice's output: in the body, or in the first chunk of each
+choice's stream (with the prompt's logprobs when `logprobs` is set; with `max_tokens: 0` that is the only chunk).
 A completions `prompt` may be a list of prompts: each is its own engine request, and choice `index` is
 prompt_index * n + sample_index, as in vLLM and the OpenAI API. Parameters are parsed by batch_format's
 parsers, so a batch line and an HTTP body mean the same thing.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Callable
 
@@ -18,8 +21,7 @@ from kiln.serving.deltas import DeltaTracker
 from kiln.serving.prompts import ChatMessages
 from kiln.serving.usage import Usage
 from kiln.tools import output as T
-from kiln.tools import parsers, prompt as tool_prompt
-from kiln.tools.spec import from_body as tools_from_body
+from kiln.tools import request as tool_request
 
 # kiln error -> (HTTP status, OpenAI error type, OpenAI error code)
 STATUS: dict[type, tuple[int, str, str | None]] = {
@@ -81,8 +83,6 @@ def parse_body(body: dict, chat: bool) -> tuple[list, SamplingParams]:
     """(prompts, SamplingParams) of a request body; raises InvalidRequest naming the field."""
     if body.get("echo") and chat:
         raise E.InvalidRequest("echo is for /v1/completions", "echo")
-    if body.get("echo") and body.get("stream"):
-        raise E.InvalidRequest("echo with stream is not supported", "echo")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise E.InvalidRequest(f"stream_options must be an object, got {opts!r}", "stream_options")
@@ -105,20 +105,30 @@ def parse_tools(body: dict, prompts: list, params: SamplingParams, template: str
     """A chat body's tools: the prompt carries them to the chat template; `required` / a named choice set
     the grammar that makes the output a call. Returns (prompts, ToolUse or None); raises InvalidRequest."""
     try:
-        spec = tools_from_body(body)
-        if spec is None:
-            return prompts, None
-        constraint = spec.constraint()
-        if constraint is not None:
-            if params.structured_outputs is not None:
-                raise ValueError("tool_choice required or named cannot be combined with response_format or "
-                                 "another output constraint.")
-            params.structured_outputs = constraint
-        name = parsers.select(template, parser)
+        messages, for_template, use = tool_request.prepare(body, prompts[0], params, template, parser)
     except ValueError as e:
         raise _bad(str(e), True) from None
-    messages, for_template = tool_prompt.with_tools(prompts[0], spec.template_tools(), template)
-    return [ChatMessages(messages, tools=for_template)], T.ToolUse(spec, name)
+    if use is None:
+        return prompts, None
+    return [ChatMessages(messages, tools=for_template)], use
+
+
+@dataclasses.dataclass
+class Echo:
+    """A completions body's `echo`: the prompt (text, and its logprobs when `logprobs` is set) comes before each
+    choice's output; `only` (max_tokens 0): the prompt alone, the one token generated for it is dropped."""
+    prompts: list                         # the request's prompts by prompt index (text or token ids)
+    only: bool
+
+
+def echo_of(body: dict, prompts: list, chat: bool) -> Echo | None:
+    return Echo(prompts, F.echo_only(body)) if body.get("echo") and not chat else None
+
+
+def usage(finals, echo: Echo | None) -> dict:
+    """OpenAI usage of finished outputs; an echo-only request generated nothing the client sees."""
+    u = Usage.of(finals)
+    return dataclasses.replace(u, completion_tokens=0).openai() if echo and echo.only else u.openai()
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -130,10 +140,11 @@ class Chunks:
     """Cumulative RequestOutputs -> OpenAI stream chunks (what is new for each choice since the last chunk)."""
 
     def __init__(self, chat: bool, params: SamplingParams, head: dict, decode: Callable[[int], str],
-                 tools: T.ToolUse | None = None):
+                 tools: T.ToolUse | None = None, echo: Echo | None = None):
         self.chat, self.params, self.head, self.decode = chat, params, head, decode
         self.tracker = DeltaTracker()
         self.tools, self.streams = tools, {}
+        self.echo, self.echoed = echo, set()
 
     def _tool_deltas(self, idx: int, d, finishing: bool) -> tuple[list[dict], bool]:
         """The delta objects of choice idx's new text under tool parsing, and whether it made calls."""
@@ -150,12 +161,15 @@ class Chunks:
         for c in out.outputs:
             idx = i * self.params.n + c.index
             d = self.tracker.delta(idx, c)
+            if self.echo is not None:
+                chunks += self._echo_chunk(i, idx, out, c, d)
+                continue
             if d.empty and not (d.first and self.chat):
                 continue
             lp = None
             if k is not None and d.logprobs is not None and d.token_ids:
                 lp = F.chat_logprobs(d.token_ids, d.logprobs, k, self.decode) if self.chat else \
-                    F.completion_logprobs(d.token_ids, d.logprobs, k, self.decode, offset=d.text_offset)
+                    F.completion_logprobs(d.token_ids, d.logprobs, k, self.decode, offset=self._offset(c, d))
             if self.chat and self.tools is not None:
                 chunks += self._tool_chunks(idx, d, c, lp)
                 continue
@@ -184,8 +198,36 @@ class Chunks:
                                                  "stop_reason": c.stop_reason if last else None}]))
         return out
 
+    def _offset(self, c, d) -> int:
+        """text_offset of the delta's first token: the decoded tokens before it, as the whole response counts
+        them (the text itself may hold back an incomplete character)."""
+        return sum(len(self.decode(t)) for t in c.token_ids[:len(c.token_ids) - len(d.token_ids)])
+
+    def _echo_chunk(self, i: int, idx: int, out: RequestOutput, c, d) -> list[dict]:
+        """A completion choice's chunk under echo: its first carries the prompt text (and the prompt's logprobs)
+        before the new text, as vLLM streams it; echo-only sends that one chunk once the sample has finished."""
+        only, k, first = self.echo.only, self.params.logprobs, idx not in self.echoed
+        if (only and (not d.finishing or not first)) or (d.empty and not first):
+            return []
+        self.echoed.add(idx)
+        ids, entries = ([], []) if only else (d.token_ids, d.logprobs or [])
+        prompt_ids = out.prompt_token_ids
+        shown = sum(len(self.decode(t)) for t in prompt_ids)    # the offsets count the decoded prompt
+        lp, text = None, "" if only else d.text
+        if k is not None:
+            at = self._offset(c, d) + (0 if first else shown)
+            lp = F.completion_logprobs(ids, entries, k, self.decode, offset=at)
+            if first:
+                lp = F.echo_logprobs(out, lp, k, self.decode)
+        if first:
+            p = self.echo.prompts[i]
+            text = (p if isinstance(p, str) else "".join(self.decode(t) for t in prompt_ids)) + text
+        finish, stop = ("length", None) if only else (c.finish_reason, c.stop_reason) if d.finishing else (None, None)
+        return [dict(self.head, choices=[{"index": idx, "text": text, "logprobs": lp, "finish_reason": finish,
+                                          "stop_reason": stop}])]
+
     def usage_chunk(self, finals: dict[int, RequestOutput]) -> dict:
-        return dict(self.head, choices=[], usage=Usage.of(finals.values()).openai())
+        return dict(self.head, choices=[], usage=usage(finals.values(), self.echo))
 
 
 def tool_choices(choices: list[dict], tools: T.ToolUse) -> None:
@@ -213,4 +255,4 @@ def response(chat: bool, prompts: list, params: SamplingParams, finals: dict[int
         tool_choices(choices, tools)
     return {"id": head["id"], "object": "chat.completion" if chat else "text_completion",
             "created": head["created"], "model": head["model"], "choices": choices,
-            "usage": Usage.of(finals.values()).openai()}
+            "usage": usage(finals.values(), echo_of(body or {}, prompts, chat))}

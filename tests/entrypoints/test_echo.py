@@ -40,8 +40,49 @@ def test_echo_with_logprobs_and_max_tokens_zero(servers):
     assert r.choices[0].text.startswith(PROMPT) and r.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
-    with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=MODEL, prompt=PROMPT, echo=True, stream=True)
+    wait_idle(servers.engine_)
+
+
+def _stream(c, **kw) -> tuple[dict[int, list], dict | None]:
+    """The streamed choices' chunks by index, and the usage chunk's usage."""
+    by_index, usage = {}, None
+    for chunk in c.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **kw):
+        for ch in chunk.choices:
+            by_index.setdefault(ch.index, []).append(ch)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return by_index, usage
+
+
+def _joined(chs) -> dict:
+    """The streamed logprobs of one choice put together."""
+    return {key: [v for ch in chs if ch.logprobs for v in getattr(ch.logprobs, key)]
+            for key in ("tokens", "token_logprobs", "text_offset")}
+
+
+def test_echo_streams_the_prompt_in_the_first_chunk(servers):
+    c = openai.OpenAI(base_url=f"{servers.base}/v1", api_key="none", max_retries=0, timeout=60)
+    ids = servers.engine_.tokenizer.encode(PROMPT)
+    want_prompt = [None] + [mock_logprob(t) for t in ids[1:]]
+    kw = dict(prompt=PROMPT, echo=True, logprobs=1, max_tokens=4, temperature=0)
+    whole = c.completions.create(model=MODEL, **kw).choices[0]
+    chunks, usage = _stream(c, **kw)
+    first = chunks[0][0]
+    assert first.text.startswith(PROMPT) and first.logprobs.token_logprobs[:len(ids)] == want_prompt
+    assert "".join(ch.text for ch in chunks[0]) == whole.text and chunks[0][-1].finish_reason == "length"
+    joined = _joined(chunks[0])
+    assert joined == {k: getattr(whole.logprobs, k) for k in joined}
+    assert len(joined["tokens"]) == len(ids) + 4 and usage.completion_tokens == 4
+    # max_tokens 0: one chunk with the prompt and its logprobs, nothing generated
+    chunks, usage = _stream(c, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0)
+    (only,) = chunks[0]
+    assert only.text == PROMPT and only.finish_reason == "length"
+    assert only.logprobs.token_logprobs == want_prompt and only.logprobs.text_offset[0] == 0
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+    # a list of prompts, no logprobs: each choice's first chunk starts with its own prompt
+    chunks, _ = _stream(c, prompt=["one", "two"], echo=True, max_tokens=2, temperature=0)
+    assert [chunks[i][0].text[:3] for i in (0, 1)] == ["one", "two"]
+    assert all(ch.logprobs is None for i in (0, 1) for ch in chunks[i])
     wait_idle(servers.engine_)
 
 
