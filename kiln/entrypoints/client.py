@@ -19,16 +19,25 @@ from kiln.proto import inference_pb2 as pb
 from kiln.proto import inference_pb2_grpc as pb_grpc
 
 
-def generate_request(prompt: str | list[int] | list[dict[str, str]], request_id: str = "",
-                     **sampling: Any) -> pb.GenerateRequest:
-    """A GenerateRequest from a prompt (text, token ids or chat messages) and SamplingParams keyword arguments."""
+def generate_request(prompt: str | list[int] | list[dict[str, Any]], request_id: str = "",
+                     tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+                     parallel_tool_calls: bool | None = None, **sampling: Any) -> pb.GenerateRequest:
+    """A GenerateRequest from a prompt (text, token ids or chat messages: OpenAI's dicts, an assistant's
+    `tool_calls` and a tool's `tool_call_id` included), OpenAI-style `tools` / `tool_choice` for a chat prompt,
+    and SamplingParams keyword arguments."""
     req = pb.GenerateRequest(request_id=request_id)
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and isinstance(prompt[0], dict):
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+        req.chat.messages.extend(_chat_message(m) for m in prompt)
     else:
         req.token_ids.ids.extend(int(t) for t in prompt)
+    if tools is not None:
+        req.tools = json.dumps(tools)
+    if tool_choice is not None:
+        req.tool_choice = tool_choice if isinstance(tool_choice, str) else json.dumps(tool_choice)
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
     sp = req.sampling_params
     for k, v in sampling.items():
         if v is None:
@@ -46,6 +55,14 @@ def generate_request(prompt: str | list[int] | list[dict[str, str]], request_id:
         else:
             setattr(sp, k, v)
     return req
+
+
+def _chat_message(m: dict[str, Any]) -> pb.ChatMessage:
+    calls = [pb.ToolCall(index=i, id=c.get("id", ""), name=c["function"]["name"],
+                         arguments=c["function"].get("arguments", ""))
+             for i, c in enumerate(m.get("tool_calls") or [])]
+    return pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                          tool_call_id=m.get("tool_call_id", ""))
 
 
 class KilnClient:

@@ -27,12 +27,8 @@ def servers():
 
 def request(tool_choice: str = "", parallel: bool | None = None, messages=MSGS, tools=TOOLS,
             **sampling) -> pb.GenerateRequest:
-    req = generate_request(messages, **sampling)
-    req.tools = json.dumps(tools) if tools else ""
-    req.tool_choice = tool_choice
-    if parallel is not None:
-        req.parallel_tool_calls = parallel
-    return req
+    return generate_request(messages, tools=tools or None, tool_choice=tool_choice, parallel_tool_calls=parallel,
+                            **sampling)
 
 
 def streamed(k: KilnClient, req) -> tuple[list[tuple[str, str, str]], str, str]:
@@ -116,12 +112,7 @@ def test_a_tool_round_trip_reaches_the_template_as_over_http(servers, monkeypatc
         seen.append(([dict(m) for m in messages], kw.get("tools")))
         return render(messages, **kw)
     monkeypatch.setattr(tok, "apply_chat_template", spy)
-    req = request("", messages=[conversation[0]], max_tokens=2, temperature=0)
-    del req.chat.messages[:]
-    req.chat.messages.add(role="user", content="Weather in Oslo?")
-    a = req.chat.messages.add(role="assistant", content="")
-    a.tool_calls.add(id="call-1", name="get_weather", arguments='{"city": "Oslo", "unit": "C"}')
-    req.chat.messages.add(role="tool", content='{"temp": 3}', tool_call_id="call-1")
+    req = request("", messages=conversation, max_tokens=2, temperature=0)   # the client takes OpenAI's dicts
     with KilnClient(servers.target) as k:
         k.stub.GenerateUnary(req, timeout=60)
     c = openai.OpenAI(base_url=f"{servers.base}/v1", api_key="none", max_retries=0, timeout=60)
