@@ -81,3 +81,12 @@ def test_model_info_reports_the_split(spec):
     info = model_info_pb(SimpleNamespace(engine=SimpleNamespace(config=_config(spec, 4, num_blocks=40), spec=spec),
                                          stats=lambda: {}), "gqa", "tpu")
     assert (info.tensor_parallel_size, info.kv_bytes_per_block, info.kv_shards) == (4, WHOLE, 1)
+
+
+def test_torch_tensor_parallel_refused_with_the_reason(spec):
+    with pytest.raises(ValueError, match="no tensor parallelism: on a CPU it does not pay.*torch_tp_cpu.py"):
+        build_config(spec, backend="torch", dtype="float32", max_model_len=64, warmup=False, platform="cpu",
+                     tensor_parallel_size=2)
+    c = build_config(spec, backend="torch", dtype="float32", max_model_len=64, warmup=False, platform="cpu",
+                     tensor_parallel_size=1, num_blocks=8)
+    assert c.parallel.tensor_parallel_size == 1 and c.memory.kv_shards == 1
