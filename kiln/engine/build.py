@@ -92,9 +92,10 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
         platform = jax_platform()
     backend = backend or env.backend or "auto"
     mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
-    backend = resolve_backend(backend, platform)
     parallel = parallel or ParallelConfig.of(env, tensor_parallel_size=tensor_parallel_size or 1)
-    if backend != "jax" and (parallel.tensor_parallel_size > 1 or parallel.num_processes > 1):
+    spans = parallel.tensor_parallel_size > 1 or parallel.num_processes > 1
+    backend = resolve_backend("jax" if backend == "auto" and spans else backend, platform)   # auto: TP is jax's
+    if backend != "jax" and spans:
         raise ValueError(TORCH_TP.format(backend=backend) if backend == "torch" else
                          f"tensor parallelism and multi-host run on the jax backend; backend is {backend} "
                          f"(use --backend jax, or --data-parallel-size for replicas of any backend)")

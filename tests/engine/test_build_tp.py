@@ -90,3 +90,7 @@ def test_torch_tensor_parallel_refused_with_the_reason(spec):
     c = build_config(spec, backend="torch", dtype="float32", max_model_len=64, warmup=False, platform="cpu",
                      tensor_parallel_size=1, num_blocks=8)
     assert c.parallel.tensor_parallel_size == 1 and c.memory.kv_shards == 1
+    # backend auto with TP: the jax backend, whatever auto picks for one device
+    auto = build_config(spec, backend="auto", dtype="float32", max_model_len=64, warmup=False, platform="cpu",
+                        tensor_parallel_size=2, num_blocks=8)
+    assert auto.backend == "jax" and auto.model.backend == "auto"
