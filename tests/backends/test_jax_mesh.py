@@ -9,7 +9,8 @@ one subprocess (tests/backends/tp_worker.py) and this module asserts on what it 
 - the compiled decode graph has exactly two all-reduces in its layer body (one after attention's o, one after
   the MLP's down: Megatron's one per block), none with TP=1, and with the KV heads split (TP=2) no other
   collective at all: the fused qkv / gate_up weights are regrouped so each device's slice is contiguous (no
-  collective-permute); with the KV cache replicated (TP=4, GQA) k and v are gathered (documented in mesh.py);
+  collective-permute); with the KV cache replicated (TP=4, GQA) one more all-reduce keeps one of the groups'
+  equal copies of k and v, still no permute or gather in the layer;
 - each device holds exactly the KV bytes the memory plan sized (engine/build.py: 1/tp of a block when split);
 - the default model (SmolLM2-135M GGUF through kiln's loader: 9 heads, 3 KV heads, so TP=2 is refused and TP=3
   is the split it has) gives the engine's greedy tokens at TP=3 equal to TP=1;
@@ -74,9 +75,12 @@ def test_greedy_generation_equal_across_meshes(report):
 
 def test_two_all_reduces_per_layer(report):
     assert report["gqa"]["1"]["hlo"]["total"] == {}                      # one device: no collectives at all
-    for model, tp in (("gqa", "2"), ("gqa", "4"), ("default", "3")):
+    for model, tp in (("gqa", "2"), ("default", "3")):
         hlo = report[model][tp]["hlo"]
         assert hlo["in_layer_scan"].get("all-reduce") == 2, (model, tp, hlo)
+    # KV replicated (2 KV heads, 4 devices): o's, down's, and one (combined) for the k and v copies
+    hlo = report["gqa"]["4"]["hlo"]
+    assert hlo["in_layer_scan"] == {"all-reduce": 3} and "collective-permute" not in hlo["total"], hlo
 
 
 def test_split_kv_heads_need_no_other_collective(report):
@@ -125,7 +129,7 @@ def test_plan_refuses_uneven_heads_and_replicates_what_cannot_split():
     with pytest.raises(ShardingError, match="attention heads \\(9\\)"):
         plan_shardings(_Spec, ["qkv"], 2, intermediate=1536)
     plan = plan_shardings(_Spec, ["embed", "qkv", "o", "final_norm"], 3, intermediate=1536)
-    assert plan.params["qkv"] == P(None, None, AXIS, None) and plan.groups["qkv"] == (9 * 64, 3 * 64, 3 * 64)
+    assert plan.params["qkv"] == P(None, None, AXIS, None) and plan.groups["qkv"] == ((9 * 64, True), (3 * 64, True), (3 * 64, True))
     assert plan.params["o"][1] == AXIS and plan.params["embed"][0] == AXIS
     assert plan.params["final_norm"] == P() and plan.kv[2] == AXIS and plan.notes == ()
     with pytest.raises(ShardingError, match="MLP intermediate size"):

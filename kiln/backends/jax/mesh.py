@@ -22,8 +22,9 @@ heads, whole), and gate|up the same with the g-th tp-th of gate and of up. model
 fixed offsets inside it, so every device's slice is contiguous and local, and a layer's only collectives are
 its two all-reduces (after o, after down); sliced at offsets of the flat fused layout, the parts did not fall on
 shard boundaries and GSPMD moved them with collective-permutes. With fewer KV heads than devices (GQA, the KV
-cache replicated) a group cannot hold whole KV heads, so qkv stays flat and column-sharded and GSPMD gathers
-k and v (all-gathers and permutes in the HLO): exact, but slower than a KV-sharded mesh.
+cache replicated) every group holds its q heads and a copy of all of k and v (their weights are replicated
+anyway); model.py keeps one copy with a max over the groups (exact: equal values), which is one small
+all-reduce for k and v (XLA combines the two), so such a layer has three all-reduces and no permute or gather.
 
 Refusals and fallbacks (each with its reason, logged): heads or the MLP width not divisible by N refuse (there
 is no even split); KV heads not divisible by N (GQA with fewer KV heads than devices) keep the KV cache
@@ -59,8 +60,8 @@ class ShardingPlan:
     params: dict[str, P]          # kiln weight name -> PartitionSpec
     kv: P                         # the KV cache's PartitionSpec
     notes: tuple[str, ...] = ()   # what was replicated instead of sharded, and why
-    groups: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)   # fused weight -> its parts'
-                                  # widths (q, k, v / gate, up), regrouped into tp contiguous groups
+    groups: dict[str, tuple[tuple[int, bool], ...]] = dataclasses.field(default_factory=dict)   # fused weight
+                                  # -> its parts (width, split over the groups or copied whole into each)
 
 
 def make_mesh(tp: int, devices: list | None = None) -> Mesh:
@@ -93,9 +94,9 @@ def plan_shardings(spec, names, tp: int, *, intermediate: int) -> ShardingPlan:
     if not vocab:
         notes.append(f"embedding and head replicated: vocabulary {spec.vocab_size} is not divisible by {tp}")
     H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    parts = {"qkv": (H * Dh, KVH * Dh, KVH * Dh), "gate_up": (intermediate, intermediate)}
-    if spec.num_kv_heads % tp:
-        del parts["qkv"]                  # no whole KV heads per group: flat, k and v gathered (docstring)
+    split_kv = spec.num_kv_heads % tp == 0                # else each group gets all of k and v (docstring)
+    parts = {"qkv": ((H * Dh, True), (KVH * Dh, split_kv), (KVH * Dh, split_kv)),
+             "gate_up": ((intermediate, True), (intermediate, True))}
     groups = {n: parts[n.removesuffix("_bias")] for n in names if n.removesuffix("_bias") in parts}
     out = {}
     for name in names:
@@ -129,12 +130,17 @@ def put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def group_columns(w, parts: tuple[int, ...], tp: int) -> np.ndarray:
-    """A fused weight w [..., sum(parts)] (q|k|v or gate|up) -> [..., tp, sum(parts)/tp]: group g is the g-th
-    tp-th of each part, in order (so q heads g*H/tp.. of group g, then its k heads, then its v heads)."""
+def group_columns(w, parts: tuple[tuple[int, bool], ...], tp: int) -> np.ndarray:
+    """A fused weight w [..., sum of widths] (q|k|v or gate|up) -> [..., tp, group width]: group g is, part by
+    part, the g-th tp-th of a split part (q heads g*H/tp.., then its k heads, then its v heads) or the whole
+    of a copied one."""
     w = np.asarray(w)
-    pieces = np.split(w, np.cumsum(parts)[:-1], axis=-1)                  # [..., part] each
-    return np.concatenate([p.reshape(*p.shape[:-1], tp, p.shape[-1] // tp) for p in pieces], axis=-1)
+    widths = [n for n, _ in parts]
+    pieces = np.split(w, np.cumsum(widths)[:-1], axis=-1)                 # [..., width] each
+    grouped = [p.reshape(*p.shape[:-1], tp, p.shape[-1] // tp) if split else
+               np.broadcast_to(p[..., None, :], (*p.shape[:-1], tp, p.shape[-1]))
+               for p, (_, split) in zip(pieces, parts)]
+    return np.concatenate(grouped, axis=-1)
 
 
 def place(params: dict[str, Any], mesh: Mesh, plan: ShardingPlan) -> dict[str, jax.Array]:

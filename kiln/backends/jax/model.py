@@ -110,11 +110,14 @@ def decoder_layer(ls: LayerSpec, spec: ModelSpec, lw: dict[str, jax.Array], x, c
     at = ls.attention
     sandwich = ls.norms == "sandwich"
     h = rms_norm(x, lw["attn_norm"], eps)                                  # [B, T, D]
-    qkv = _fused(h, lw["qkv"], bias("qkv_bias", at.qkv_bias))              # [B, T, G, (H+2KVH)*Dh/G]
-    Hg, KVg = H // qkv.shape[2] * Dh, KVH // qkv.shape[2] * Dh             # one group's q and k widths
+    qkv = _fused(h, lw["qkv"], bias("qkv_bias", at.qkv_bias))              # [B, T, G, Hg + 2 KVg]
+    G, Hg = qkv.shape[2], H // qkv.shape[2] * Dh                           # groups; one group's q width
+    KVg = (qkv.shape[-1] - Hg) // 2                                        # its k width: KVH/G heads, or all
     q = qkv[..., :Hg].reshape(B, T, H, Dh)                                 # [B, T, H, Dh]
-    k = qkv[..., Hg:Hg + KVg].reshape(B, T, KVH, Dh)                       # [B, T, KVH, Dh]
-    v = qkv[..., Hg + KVg:].reshape(B, T, KVH, Dh)                         # [B, T, KVH, Dh]
+    k, v = qkv[..., Hg:Hg + KVg], qkv[..., Hg + KVg:]                      # [B, T, G, KVg]
+    if G > 1 and KVg == KVH * Dh:     # every group holds all KV heads (mesh.py, KV replicated): G equal copies,
+        k, v = k.max(axis=2), v.max(axis=2)   # one kept exactly (max of equal values; an all-reduce on a mesh)
+    k, v = k.reshape(B, T, KVH, Dh), v.reshape(B, T, KVH, Dh)              # [B, T, KVH, Dh]
     if at.qk_norm:
         q, k = rms_norm(q, lw["q_norm"], eps), rms_norm(k, lw["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
