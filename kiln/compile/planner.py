@@ -8,7 +8,9 @@ On CPU free memory is host memory, and the KV budget may be given directly (`--k
 split. With tensor parallelism every number here is one device's: the KV cache is split by KV head over the
 mesh, so a block takes 1/tp of its bytes on each device (kv_block_bytes_per_device) and the same budget holds tp
 times the blocks; with fewer KV heads than devices (GQA) the cache is replicated and a block costs its full bytes
-on every device. Buckets are compiled in strategy order until their budget is spent; the largest bucket of each family is
+on every device.
+
+Buckets are compiled in strategy order until their budget is spent; the largest bucket of each family is
 always compiled, so every admissible shape has a graph.
 """
 from __future__ import annotations

@@ -3,9 +3,10 @@
     this process: input ──> parse every line (a bad line's error record is written here; with --resume the
                   lines already answered are skipped and their custom_ids checked: batch.py's rules)
                ──> pending rows {lineno, line} ──> ray.data.from_items
-    ──> map_batches(LineWorker, ActorPoolStrategy(size=N, 2 calls per actor), batch_size=B): each actor builds one engine
-        and answers a block's lines together with batch.py's own request handling (_Job._serve), so a record
-        is what the in-process job writes; two blocks per actor at once, so one block's tail overlaps the next
+    ──> map_batches(LineWorker, ActorPoolStrategy(size=N, 2 calls per actor), batch_size=B): each actor builds
+        one engine and answers a block's lines together with batch.py's own request handling (_Job._serve),
+        so a record is what the in-process job writes; two blocks per actor at once, so one block's tail
+        overlaps the next
     ──> iter_rows, here: the one writer. A record whose line is already written is dropped: Ray Data restarts
         a dead actor and runs its task again whole (max_restarts / max_task_retries -1, its defaults), so a
         block's records can come twice; they never come zero times unless the job fails

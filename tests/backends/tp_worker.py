@@ -109,7 +109,8 @@ def default_model(gguf, models_dir, tps, tokens):
         r = _runner(gguf, tp, loaded=loaded, allow_lazy_compile=True, max_num_seqs=2)
         greedy = _greedy(r, None, tokens, loaded.tokenizer, prompts)
         decode = [e for k, e in r.executables.items() if k.kind == "decode"]
-        out[tp] = {"greedy": greedy, "text": [loaded.tokenizer.decode(t) for t in greedy], "notes": list(r.placement.plan.notes) if r.placement.plan else [],
+        out[tp] = {"greedy": greedy, "text": [loaded.tokenizer.decode(t) for t in greedy],
+                   "notes": list(r.placement.plan.notes) if r.placement.plan else [],
                    "hlo": _collectives(decode[0]), "kv_shard_shape": list(r.k_cache.addressable_shards[0].data.shape)}
     return out
 
