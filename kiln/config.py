@@ -151,8 +151,10 @@ class MemoryPlan:
     usable_bytes: int
     prompt_graph_bytes: int
     decode_graph_bytes: int
-    kv_bytes: int
+    kv_bytes: int                        # per device (a tensor-parallel mesh: on each of its devices)
     num_blocks: int
+    kv_bytes_per_block: int = 0          # K and V of one block on one device (1/tp of it when sharded by KV head)
+    kv_shards: int = 1                   # devices the KV heads are split over (1: whole on every device)
 
 
 # -- the configuration ------------------------------------------------------------------------------------

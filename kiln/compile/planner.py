@@ -5,7 +5,12 @@
     kv cache   = usable - graphs  ->  num_blocks = kv // bytes per block
 
 On CPU free memory is host memory, and the KV budget may be given directly (`--kv-cache-gib`), which skips the
-split. Buckets are compiled in strategy order until their budget is spent; the largest bucket of each family is
+split. With tensor parallelism every number here is one device's: the KV cache is split by KV head over the
+mesh, so a block takes 1/tp of its bytes on each device (kv_block_bytes_per_device) and the same budget holds tp
+times the blocks; with fewer KV heads than devices (GQA) the cache is replicated and a block costs its full bytes
+on every device.
+
+Buckets are compiled in strategy order until their budget is spent; the largest bucket of each family is
 always compiled, so every admissible shape has a graph.
 """
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 from kiln.config import DECODE_STRATEGIES, PREFILL_STRATEGIES, MemoryPlan
 
 __all__ = ["DECODE_STRATEGIES", "PREFILL_STRATEGIES", "MemoryPlan", "PlanError", "host_free_bytes", "plan_memory",
-           "stable_block_count", "order_buckets", "must_compile"]
+           "kv_block_bytes_per_device", "stable_block_count", "order_buckets", "must_compile"]
 
 
 class PlanError(ValueError):
@@ -34,10 +39,18 @@ def host_free_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def kv_block_bytes_per_device(bytes_per_block: int, *, num_kv_heads: int, tp: int) -> tuple[int, int]:
+    """(bytes one block takes on each device of a `tp`-way mesh, KV shards): the cache is split by KV head when
+    tp divides the KV heads (backends/jax/mesh.py's rule), else replicated (shards 1, the full bytes)."""
+    shards = tp if num_kv_heads % tp == 0 else 1
+    return bytes_per_block // shards, shards
+
+
 def plan_memory(*, free_bytes: int, memory_utilization: float, graph_reserved_fraction: float,
                 graph_prompt_ratio: float, bytes_per_block: int, block_size: int, max_model_len: int,
-                kv_bytes: int | None = None) -> MemoryPlan:
-    """The budget split. `kv_bytes` given: the KV cache gets exactly that and graphs the rest of usable."""
+                kv_bytes: int | None = None, kv_shards: int = 1) -> MemoryPlan:
+    """The budget split, on one device. `kv_bytes` given: the KV cache gets exactly that and graphs the rest of
+    usable. `bytes_per_block` is one device's (kv_block_bytes_per_device), recorded with `kv_shards`."""
     for name, v in (("memory_utilization", memory_utilization), ("graph_reserved_fraction", graph_reserved_fraction),
                     ("graph_prompt_ratio", graph_prompt_ratio)):
         if not 0.0 <= v <= 1.0:
@@ -62,7 +75,7 @@ def plan_memory(*, free_bytes: int, memory_utilization: float, graph_reserved_fr
             f"the KV cache gets {num_blocks} blocks ({kv / 2**30:.2f} GiB), fewer than the {needed} one "
             f"max_model_len={max_model_len} sequence needs: raise --memory-utilization or --kv-cache-gib, lower "
             f"--graph-reserved-fraction, or lower --max-model-len")
-    return MemoryPlan(free_bytes, usable, prompt, graphs - prompt, kv, num_blocks)
+    return MemoryPlan(free_bytes, usable, prompt, graphs - prompt, kv, num_blocks, bytes_per_block, kv_shards)
 
 
 def stable_block_count(n: int) -> int:

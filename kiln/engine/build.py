@@ -4,7 +4,8 @@
       ├─ Env.read()                          the environment, once (config.Env)
       ├─ models/loader.load_model            spec, host tensors, tokenizer
       ├─ build_config(spec, **options)       backend (backends/platform), dtype, max_model_len, KV bytes per
-      │                                      block (from the runner class), free memory -> memory plan
+      │                                      block (from the runner class; per device: 1/tp when the KV
+      │                                      cache splits by KV head), free memory -> memory plan
       │                                      (compile/planner), bucket ranges (flags > env > defaults)
       ├─ backends/registry.create_runner     weights and KV cache on the device
       ├─ runner.warmup()                     unless warmup=False: nothing compiles while serving
@@ -19,13 +20,20 @@ import logging
 from kiln.backends.platform import resolve_backend
 from kiln.backends.registry import create_runner, runner_class
 from kiln.compile.buckets import make_buckets
-from kiln.compile.planner import host_free_bytes, plan_memory
+from kiln.compile.planner import host_free_bytes, kv_block_bytes_per_device, plan_memory
 from kiln.config import (DTYPES, BucketPlan, CacheConfig, CompileConfig, EngineConfig, Env, ModelConfig,
                          ParallelConfig, SchedulerConfig, resolve_dtype)
 from kiln.engine.llm_engine import LLMEngine
 from kiln.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+TORCH_TP = ("--backend {backend} has no tensor parallelism: on a CPU it does not pay. Measured on this 2-core "
+            "machine (scripts/torch_tp_cpu.py, a decode step of the default model's shape, float32): 2 gloo "
+            "processes x 1 thread took 0.45x / 0.63x / 0.97x the speed of the best single process at batch 1 / 8 "
+            "/ 32, since every step needs 60 all-reduces (2 a layer) of ~1-4 ms each over loopback, as long as "
+            "the matmuls they split. Use --backend jax --tensor-parallel-size N (devices), or "
+            "--data-parallel-size N (replicas of any backend)")
 
 
 def bucket_range(given: tuple[int | None, ...] | None, env: tuple[int | None, ...] | None,
@@ -84,10 +92,12 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
         platform = jax_platform()
     backend = backend or env.backend or "auto"
     mc = ModelConfig(model=model, dtype=dtype, backend=backend, quantization=quantization)
-    backend = resolve_backend(backend, platform)
     parallel = parallel or ParallelConfig.of(env, tensor_parallel_size=tensor_parallel_size or 1)
-    if backend != "jax" and (parallel.tensor_parallel_size > 1 or parallel.num_processes > 1):
-        raise ValueError(f"tensor parallelism and multi-host run on the jax backend; backend is {backend} "
+    spans = parallel.tensor_parallel_size > 1 or parallel.num_processes > 1
+    backend = resolve_backend("jax" if backend == "auto" and spans else backend, platform)   # auto: TP is jax's
+    if backend != "jax" and spans:
+        raise ValueError(TORCH_TP.format(backend=backend) if backend == "torch" else
+                         f"tensor parallelism and multi-host run on the jax backend; backend is {backend} "
                          f"(use --backend jax, or --data-parallel-size for replicas of any backend)")
     resolved = resolve_dtype(dtype, platform, backend)
     max_len = resolve_max_len(spec, max_model_len)
@@ -105,13 +115,16 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype} needs backend torch; jax keeps the cache in dtype "
                          f"{resolved}")
     kv_dtype = resolved if kv_cache_dtype == "auto" else kv_cache_dtype
-    per_block = runner_class(backend).kv_bytes_per_block(spec=spec, block_size=block_size, kv_dtype=kv_dtype)
+    whole = runner_class(backend).kv_bytes_per_block(spec=spec, block_size=block_size, kv_dtype=kv_dtype)
+    per_block, shards = kv_block_bytes_per_device(whole, num_kv_heads=spec.num_kv_heads,
+                                                  tp=parallel.tensor_parallel_size)
     kv_bytes = num_blocks * per_block if num_blocks else None if kv_cache_gib is None else int(kv_cache_gib * 2**30)
-    memory = plan_memory(free_bytes=host_free_bytes() if free_bytes is None else free_bytes,
+    memory = plan_memory(free_bytes=_device_free_bytes(free_bytes, platform, parallel),
                          memory_utilization=comp.memory_utilization,
                          graph_reserved_fraction=comp.graph_reserved_fraction,
                          graph_prompt_ratio=comp.graph_prompt_ratio, bytes_per_block=per_block,
-                         block_size=block_size, max_model_len=max_len, kv_bytes=kv_bytes)
+                         block_size=block_size, max_model_len=max_len, kv_bytes=kv_bytes, kv_shards=shards)
+    _log_kv(memory, parallel.tensor_parallel_size, spec.num_kv_heads, num_blocks or memory.num_blocks)
     cc = CacheConfig(block_size=block_size, num_blocks=num_blocks or memory.num_blocks,
                      kv_cache_gib=memory.kv_bytes / 2**30, enable_prefix_caching=enable_prefix_caching)
     plan = make_plan(buckets=buckets or {}, env=env, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -119,6 +132,23 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
     return EngineConfig(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory,
                         dtype=resolved, backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed, env=env,
                         parallel=parallel)
+
+
+def _device_free_bytes(free_bytes: int | None, platform: str, parallel: ParallelConfig) -> int:
+    """Free memory of one device of the mesh: given, or the host's; forced CPU devices share one host's memory,
+    so each of this process's gets its part (--kv-cache-gib is per device, as vLLM's per-worker budgets)."""
+    free = host_free_bytes() if free_bytes is None else free_bytes
+    local = max(parallel.tensor_parallel_size // parallel.num_processes, 1) if platform == "cpu" else 1
+    return free // local
+
+
+def _log_kv(memory, tp: int, kv_heads: int, num_blocks: int) -> None:
+    if tp == 1:
+        return
+    how = (f"split by KV head: {kv_heads // tp} of {kv_heads} KV heads per device" if memory.kv_shards > 1 else
+           f"replicated: {kv_heads} KV heads do not split over {tp} devices (GQA), every device holds all")
+    log.info("KV cache over %d devices, %s; %d blocks per device, %d bytes per block per device (%.2f GiB)", tp,
+             how, num_blocks, memory.kv_bytes_per_block, num_blocks * memory.kv_bytes_per_block / 2**30)
 
 
 def _parallel(env: Env, kwargs: dict) -> ParallelConfig:

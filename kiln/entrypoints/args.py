@@ -195,8 +195,10 @@ def add_batch_args(b: argparse.ArgumentParser) -> None:
                    help="requests handed to the engine at once (default: 2 x --max-num-seqs)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     b.add_argument("--ray", action="store_true",
-                   help="answer the lines with engine replicas on Ray (--data-parallel-size of them, default 1; "
-                        "a local Ray cluster unless --ray-address); needs kiln[ray]")
+                   help="run the job as a Ray Dataset mapped through --data-parallel-size engine actors (Ray "
+                        "Data, for clusters; without --ray, --data-parallel-size N streams lines to N Ray actor "
+                        "replicas, the faster path on one machine); a local Ray cluster unless --ray-address; "
+                        "needs kiln[ray]")
     add_engine_args(b)
     add_sampling_args(b)   # used by --format text lines; JSONL lines carry their own in their body
 

@@ -1,4 +1,4 @@
-"""`kiln batch --data-parallel-size N` (or `--ray`, `--ray-address`): the same job as batch.py, its lines
+"""`kiln batch --data-parallel-size N` (or `--ray-address` alone): the same job as batch.py, its lines
 answered by N engine replicas on Ray (serving/ray_replicas.py) instead of one in-process engine.
 
     input ── this process reads, parses, and writes every record (batch.py's _Job, unchanged) ──> <out>.partial
@@ -11,11 +11,10 @@ Exactly one record per non-blank line, with no duplicates or gaps, because one w
 output and a line's record is written only when its request has finished, once: a request that Ray or kiln
 retries is still one record. Resume (--resume) is batch.py's: the partial file's records name their lines.
 
-Why actors and not a Ray Dataset mapped through an actor pool: map_batches hands an actor a fixed block and
-waits for all of it, while an engine batches continuously and wants a steady stream of requests; a lost block
-is re-executed as a whole, so its records would be written twice unless deduplicated anyway; and the records
-must land in one resumable file in input-line terms. A Dataset pays off for inputs that live in a distributed
-store (S3/GCS parquet); reading such an input with ray.data and feeding this same job is the way to add it.
+Why actors, beside the Ray Data path (`--ray`, batch_ray_data.py): an engine batches continuously and wants a
+steady stream of requests, which this path gives it (a Dataset hands an actor fixed blocks and waits for each
+to drain); an actor's death restarts only its in-flight requests, not a whole block; on one machine it is the
+faster one (BENCHMARKS.md). `--data-parallel-size N` without `--ray` runs here.
 """
 from __future__ import annotations
 
@@ -27,7 +26,11 @@ from kiln.entrypoints.batch import FORMATS, BatchAborted, BatchUsageError, check
 
 
 def main(args: Any, engine_kwargs: dict, text_params: SamplingParams, *, factory: str | None = None) -> int:
-    """Start (or join) Ray and N replicas, run the job over them, shut them down, summarise."""
+    """Start (or join) Ray and N replicas, run the job over them, shut them down, summarise. With --ray the
+    job runs on Ray Data instead (batch_ray_data.py)."""
+    if getattr(args, "ray", False):
+        from kiln.entrypoints import batch_ray_data
+        return batch_ray_data.main(args, engine_kwargs, text_params, factory=factory)
     from kiln.config import Env
     from kiln.serving.ray_replicas import require_ray, start_replicas
     check_paths(args.input, args.output, resume=args.resume, overwrite=args.overwrite)

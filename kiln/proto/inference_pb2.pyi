@@ -272,7 +272,7 @@ class CacheState(_message.Message):
     def __init__(self, blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "dtype", "backend", "platform", "max_num_seqs", "prefill_batch_buckets", "prefill_seq_buckets", "decode_batch_buckets", "decode_block_buckets", "cache", "compiles")
+    __slots__ = ("model", "max_model_len", "vocab_size", "dtype", "backend", "platform", "max_num_seqs", "prefill_batch_buckets", "prefill_seq_buckets", "decode_batch_buckets", "decode_block_buckets", "cache", "compiles", "tensor_parallel_size", "kv_bytes_per_block", "kv_shards")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,9 @@ class ModelInfo(_message.Message):
     DECODE_BLOCK_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     COMPILES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    KV_SHARDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -299,7 +302,10 @@ class ModelInfo(_message.Message):
     decode_block_buckets: _containers.RepeatedScalarFieldContainer[int]
     cache: CacheState
     compiles: int
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., prefill_batch_buckets: _Optional[_Iterable[int]] = ..., prefill_seq_buckets: _Optional[_Iterable[int]] = ..., decode_batch_buckets: _Optional[_Iterable[int]] = ..., decode_block_buckets: _Optional[_Iterable[int]] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., compiles: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    kv_bytes_per_block: int
+    kv_shards: int
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., platform: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., prefill_batch_buckets: _Optional[_Iterable[int]] = ..., prefill_seq_buckets: _Optional[_Iterable[int]] = ..., decode_batch_buckets: _Optional[_Iterable[int]] = ..., decode_block_buckets: _Optional[_Iterable[int]] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., compiles: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., kv_bytes_per_block: _Optional[int] = ..., kv_shards: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

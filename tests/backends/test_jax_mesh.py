@@ -7,7 +7,13 @@ one subprocess (tests/backends/tp_worker.py) and this module asserts on what it 
   vocabulary 258 in halves; TP=4 replicates the KV cache (GQA) and the vocabulary (258 % 4 != 0));
 - whole-engine greedy generation (LLMEngine, scheduler to sampler) equal at TP=1, 2 and 4;
 - the compiled decode graph has exactly two all-reduces in its layer body (one after attention's o, one after
-  the MLP's down: Megatron's one per block), none with TP=1;
+  the MLP's down: Megatron's one per block), none with TP=1, and with the KV heads split (TP=2) no other
+  collective at all: the fused qkv / gate_up weights are regrouped so each device's slice is contiguous (no
+  collective-permute); with the KV cache replicated (TP=4, GQA) one more all-reduce keeps one of the groups'
+  equal copies of k and v, still no permute or gather in the layer;
+- each device holds exactly the KV bytes the memory plan sized (engine/build.py: 1/tp of a block when split);
+- the default model (SmolLM2-135M GGUF through kiln's loader: 9 heads, 3 KV heads, so TP=2 is refused and TP=3
+  is the split it has) gives the engine's greedy tokens at TP=3 equal to TP=1;
 - the graph cache keys differ per mesh and a TP=2 graph is a miss where only the TP=1 graph was stored.
 The sharding plan's refusals are plain functions, checked here directly.
 """
@@ -30,11 +36,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, default_gguf):
+    from kiln.config import models_dir
     d = tmp_path_factory.mktemp("tp")
     gqa = str(save_tiny_model(d / "gqa", "llama-gqa"))
     tasks = {"gqa": ["logits", {"folder": gqa, "tps": [1, 2, 4], "greedy_tokens": 8}],
-             "cache": ["cache", {"folder": gqa, "cache_dir": str(d / "cache")}]}
+             "cache": ["cache", {"folder": gqa, "cache_dir": str(d / "cache")}],
+             "default": ["default_model", {"gguf": str(default_gguf), "models_dir": str(models_dir()),
+                                           "tps": [1, 3], "tokens": 4}]}
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "tests.backends.tp_worker", "run_all", json.dumps({"tasks": tasks})],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -66,9 +75,36 @@ def test_greedy_generation_equal_across_meshes(report):
 
 def test_two_all_reduces_per_layer(report):
     assert report["gqa"]["1"]["hlo"]["total"] == {}                      # one device: no collectives at all
-    for model, tp in (("gqa", "2"), ("gqa", "4")):
+    for model, tp in (("gqa", "2"), ("default", "3")):
         hlo = report[model][tp]["hlo"]
         assert hlo["in_layer_scan"].get("all-reduce") == 2, (model, tp, hlo)
+    # KV replicated (2 KV heads, 4 devices): o's, down's, and one (combined) for the k and v copies
+    hlo = report["gqa"]["4"]["hlo"]
+    assert hlo["in_layer_scan"] == {"all-reduce": 3} and "collective-permute" not in hlo["total"], hlo
+
+
+def test_split_kv_heads_need_no_other_collective(report):
+    # KV heads split (gqa TP=2, the default model TP=3): regrouped fused weights, every slice local; the only
+    # collectives are all-reduces (two in the layer body, one for the vocab-parallel embedding lookup)
+    for model, tp in (("gqa", "2"), ("default", "3")):
+        hlo = report[model][tp]["hlo"]
+        assert hlo["in_layer_scan"] == {"all-reduce": 2} and set(hlo["total"]) == {"all-reduce"}, (model, hlo)
+
+
+def test_each_device_holds_the_planned_kv_bytes(report):
+    g = report["gqa"]
+    # [L=2, 16 blocks, KVH, 16, Dh=24] float32, K and V: all 2 KV heads on one device, 1 each over 2
+    assert g["1"]["kv_device_bytes"] == [2 * 2 * 16 * 2 * 16 * 24 * 4] == [g["1"]["kv_planned_bytes"]]
+    assert g["2"]["kv_device_bytes"] == [g["1"]["kv_planned_bytes"] // 2] * 2 == [g["2"]["kv_planned_bytes"]] * 2
+    assert g["4"]["kv_device_bytes"] == [g["1"]["kv_planned_bytes"]] * 4 == [g["4"]["kv_planned_bytes"]] * 4
+
+
+def test_default_model_greedy_equal_at_tp3(report):
+    one, three = report["default"]["1"], report["default"]["3"]
+    assert three["kv_shard_shape"][2] == 1 and one["kv_shard_shape"][2] == 3 and three["notes"] == []
+    assert len(one["greedy"]) == 2 and all(len(t) == 4 for t in one["greedy"])
+    assert "Paris" in one["text"][0]                                     # the model, not noise
+    assert three["greedy"] == one["greedy"]
 
 
 def test_graph_cache_distinguishes_meshes(report):
@@ -86,14 +122,15 @@ def test_graph_cache_distinguishes_meshes(report):
 
 
 class _Spec:
-    num_heads, num_kv_heads, vocab_size = 9, 3, 49152                   # SmolLM2-135M's
+    num_heads, num_kv_heads, head_dim, vocab_size = 9, 3, 64, 49152     # SmolLM2-135M's
 
 
 def test_plan_refuses_uneven_heads_and_replicates_what_cannot_split():
     with pytest.raises(ShardingError, match="attention heads \\(9\\)"):
         plan_shardings(_Spec, ["qkv"], 2, intermediate=1536)
     plan = plan_shardings(_Spec, ["embed", "qkv", "o", "final_norm"], 3, intermediate=1536)
-    assert plan.params["qkv"][-1] == AXIS and plan.params["o"][1] == AXIS and plan.params["embed"][0] == AXIS
+    assert plan.params["qkv"] == P(None, None, AXIS, None) and plan.groups["qkv"] == ((9 * 64, True), (3 * 64, True), (3 * 64, True))
+    assert plan.params["o"][1] == AXIS and plan.params["embed"][0] == AXIS
     assert plan.params["final_norm"] == P() and plan.kv[2] == AXIS and plan.notes == ()
     with pytest.raises(ShardingError, match="MLP intermediate size"):
         plan_shardings(_Spec, ["qkv"], 3, intermediate=1000)

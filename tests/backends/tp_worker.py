@@ -5,6 +5,7 @@ ARGS_JSON` prints one JSON line: what the test asserts on.
     logits  {folder, tps, greedy_tokens}   per TP size: last-token logits of a 3-row prefill, then of one
             decode step; the decode graph's collectives (in the layer scan, in all); the KV shard shape; the
             engine's (LLMEngine) greedy tokens of 3 prompts on the same runner
+    default_model {gguf, models_dir, tps, tokens}   the default model's greedy tokens per TP size (engine)
     cache   {folder, cache_dir}     the graph cache across meshes: fingerprints, hit/miss per TP size, and the
             logits of one decode step run by each (compiled or loaded) graph
     run_all {tasks: {name: [task, args]}}   several of them in one process
@@ -29,11 +30,11 @@ TABLES = [[1], [2], [3, 4]]
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
 
 
-def _runner(folder: str, tp: int, **kw):
+def _runner(folder: str, tp: int, models_dir: str | None = None, loaded=None, **kw):
     from kiln.backends.registry import create_runner
     from kiln.engine.build import build_config
     from kiln.models.loader import load_model
-    loaded = load_model(folder, folder)
+    loaded = loaded or load_model(folder, models_dir or folder)
     cfg = build_config(loaded.spec, dtype="float32", max_model_len=64, num_blocks=16, warmup=False,
                        platform="cpu", free_bytes=2**34, tensor_parallel_size=tp,
                        **{"graph_cache": False, **kw})
@@ -60,13 +61,13 @@ def _collectives(exe) -> dict:
             "total": collections.Counter(op for op, _ in ops)}
 
 
-def _greedy(r, folder, n):
-    """LLMEngine over runner `r` (its compiled graphs reused): greedy tokens of PROMPTS."""
+def _greedy(r, folder, n, tokenizer=None, prompts=PROMPTS):
+    """LLMEngine over runner `r` (its compiled graphs reused): greedy tokens of `prompts`."""
     from kiln.engine.llm_engine import LLMEngine
     from kiln.models.tokenizer import Tokenizer
-    eng = LLMEngine(r.config, r.spec, r, Tokenizer.from_hf_folder(folder))
+    eng = LLMEngine(r.config, r.spec, r, tokenizer or Tokenizer.from_hf_folder(folder))
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    ids = [eng.add_request(p, sp) for p in PROMPTS]
+    ids = [eng.add_request(p, sp) for p in prompts]
     done = {}
     while len(done) < len(ids):
         done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
@@ -90,8 +91,27 @@ def logits(folder, tps, greedy_tokens=0):
         out[tp] = {"prefill": pre[:3].tolist(), "decode": dec[:3].tolist(),
                    "notes": list(r.placement.plan.notes) if r.placement.plan else [],
                    "kv_shard_shape": list(r.k_cache.addressable_shards[0].data.shape),
+                   "kv_device_bytes": [2 * sh.data.nbytes for sh in r.k_cache.addressable_shards],
+                   "kv_planned_bytes": r.config.memory.kv_bytes_per_block * r.config.cache.num_blocks,
                    "hlo": _collectives(r.executables[GraphKey("decode", 4, 4)]),
                    "greedy": _greedy(r, folder, greedy_tokens) if greedy_tokens else []}
+    return out
+
+
+def default_model(gguf, models_dir, tps, tokens):
+    """The default model (a GGUF, read by kiln's loader as the e2e tests do), per TP size: the engine's greedy
+    tokens of two chat-free text prompts, the mesh notes and the decode graph's collectives."""
+    from kiln.models.loader import load_model
+    loaded = load_model(gguf, models_dir)
+    prompts = [loaded.tokenizer.encode(t) for t in ("The capital of France is", "def fibonacci(n):")]
+    out = {}
+    for tp in tps:
+        r = _runner(gguf, tp, loaded=loaded, allow_lazy_compile=True, max_num_seqs=2)
+        greedy = _greedy(r, None, tokens, loaded.tokenizer, prompts)
+        decode = [e for k, e in r.executables.items() if k.kind == "decode"]
+        out[tp] = {"greedy": greedy, "text": [loaded.tokenizer.decode(t) for t in greedy],
+                   "notes": list(r.placement.plan.notes) if r.placement.plan else [],
+                   "hlo": _collectives(decode[0]), "kv_shard_shape": list(r.k_cache.addressable_shards[0].data.shape)}
     return out
 
 

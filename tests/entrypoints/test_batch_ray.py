@@ -3,6 +3,11 @@
 - one replica SIGKILLed mid-job -> still exactly 500 records, one per line, no duplicate custom_id, every one a
   success equal to the single-engine run (its in-flight requests start over on the other replica); a --resume
   of the finished output then adds nothing.
+The same with `--ray` (entrypoints/batch_ray_data.py: a Ray Dataset mapped through 2 engine actors):
+- 500 lines -> 500 unique records equal to the single-engine run;
+- one actor SIGKILLed mid-job -> Ray Data restarts it and runs its block again, and the output still holds
+  exactly 500 unique records equal to the single-engine run; a --resume adds nothing; a partial output cut
+  after 200 records (a crash) is finished by --resume with the 300 others, no duplicates.
 One Ray cluster for the module (num_cpus 3)."""
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ def _records(path: Path) -> dict:
 
 def _args(inp, out, **kw):
     return argparse.Namespace(input=str(inp), output=str(out), format="auto", resume=False, overwrite=False,
-                              max_in_flight=None, no_progress=True, data_parallel_size=2, ray=True,
+                              max_in_flight=None, no_progress=True, data_parallel_size=2, ray=False,
                               ray_address=None, **kw)
 
 
@@ -104,3 +109,51 @@ def test_killed_replica_still_one_record_per_line(ray_cluster, job, tmp_path, mo
     again.resume = True
     assert batch_ray.main(again, {"max_num_seqs": 16}, SamplingParams(), factory=FACTORY) == 0
     _same(_records(out), want)                                     # nothing added, nothing lost
+
+
+# -- --ray: the Ray Data path ----------------------------------------------------------------------------
+def _data_args(inp, out, **kw):
+    a = _args(inp, out, **kw)
+    a.ray = True
+    return a
+
+
+def test_ray_data_killed_actor_still_one_record_per_line(ray_cluster, job, tmp_path):
+    inp, want = job
+    out, pids = tmp_path / "out.jsonl", tmp_path / "pids"
+    pids.mkdir()
+    kw = {"max_num_seqs": 16, "step_seconds": 0.01, "pid_dir": str(pids)}
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(batch_ray.main(
+        _data_args(inp, out), kw, SamplingParams(), factory="tests.serving.ray_factory:pid_mock")))
+    t.start()
+    part = B.partial_path(out)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (part.exists() and len(part.read_text().splitlines()) >= 100):
+        time.sleep(0.1)
+    first = list(pids.iterdir())
+    assert len(first) == 2 and len(part.read_text().splitlines()) < N     # both actors up, caught mid-job
+    os.kill(int(first[0].name), signal.SIGKILL)                    # one engine actor dies, blocks in flight
+    t.join(timeout=300)
+    assert rc == [0]
+    assert len(list(pids.iterdir())) == 3                          # Ray Data restarted it (a new engine)
+    _same(_records(out), want)
+    again = _data_args(inp, out)
+    again.resume = True                                            # nothing pending: no actors, nothing added
+    assert batch_ray.main(again, kw, SamplingParams(), factory="tests.serving.ray_factory:pid_mock") == 0
+    _same(_records(out), want)
+    assert len(list(pids.iterdir())) == 3
+
+
+def test_ray_data_resumes_a_crashed_job(ray_cluster, job, tmp_path):
+    # a crash: a partial output of 200 records (the single-engine job's) and a torn line; --ray --resume
+    # answers the 300 others on Ray Data and keeps the 200 as they were
+    inp, want = job
+    out = tmp_path / "out.jsonl"
+    kept = [F.dumps(r).decode() for r in list(want.values())[:200]]
+    B.partial_path(out).write_text("".join(kept) + kept[0][:17])
+    again = _data_args(inp, out)
+    again.resume = True
+    assert batch_ray.main(again, {"max_num_seqs": 16}, SamplingParams(), factory=FACTORY) == 0
+    _same(_records(out), want)
+    assert out.read_text().splitlines(keepends=True)[:200] == kept

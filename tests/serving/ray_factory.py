@@ -9,3 +9,11 @@ def slow_mock(step_seconds: float = 0.0, **kwargs):
     eng = mock_engine(**kwargs)
     eng.runner.step_seconds = step_seconds
     return eng
+
+
+def pid_mock(pid_dir: str, step_seconds: float = 0.0, **kwargs):
+    """slow_mock that leaves a file named by its process id in `pid_dir` (tests kill an actor by it)."""
+    import os
+    from pathlib import Path
+    (Path(pid_dir) / str(os.getpid())).touch()
+    return slow_mock(step_seconds, **kwargs)

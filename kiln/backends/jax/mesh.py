@@ -7,8 +7,8 @@
 The layout is Megatron's, stated on kiln's weight names (models/layout.py; linear weights are [in, out], stacked
 [L, ...] for the layer scan):
 
-    qkv, gate_up      [L, D, out]  column-parallel: P(None, None, "tp")   (each device: a slice of heads / of F)
-    qkv_bias, gate_up_bias [L, out]                P(None, "tp")
+    qkv, gate_up      [L, D, tp, out/tp] column-parallel, grouped: P(None, None, "tp", None)
+    qkv_bias, gate_up_bias [L, tp, out/tp]                        P(None, "tp", None)
     o, down           [L, in, D]   row-parallel:    P(None, "tp", None)   (partial sums: one all-reduce each)
     embed             [V, D]       vocab-parallel:  P("tp", None)         (a masked lookup + one all-reduce)
     head              [D, V]       vocab-parallel:  P(None, "tp")         (logits gathered once, [B, V])
@@ -16,9 +16,15 @@ The layout is Megatron's, stated on kiln's weight names (models/layout.py; linea
     KV cache          [L, NB, KVH, bs, Dh]          P(None, None, "tp", None, None): by KV head
 
 We shard the inputs and let GSPMD (XLA's partitioner) place the collectives; the decoder layer (model.py) stays
-one piece of code for every mesh. Its fused projections are sliced at fixed offsets (q|k|v, gate|up) that do
-not fall on shard boundaries, so GSPMD adds small collective-permutes beside the two all-reduces a layer; an
-interleaved fused layout read per shard would remove them (a model.py change, left for later).
+one piece of code for every mesh. The fused projections are regrouped on the host before placement
+(`group_columns`): q|k|v [out] becomes tp groups, group g holding the g-th tp-th of q, of k and of v (its own
+heads, whole), and gate|up the same with the g-th tp-th of gate and of up. model.py reads a group's parts at
+fixed offsets inside it, so every device's slice is contiguous and local, and a layer's only collectives are
+its two all-reduces (after o, after down); sliced at offsets of the flat fused layout, the parts did not fall on
+shard boundaries and GSPMD moved them with collective-permutes. With fewer KV heads than devices (GQA, the KV
+cache replicated) every group holds its q heads and a copy of all of k and v (their weights are replicated
+anyway); model.py keeps one copy with a max over the groups (exact: equal values), which is one small
+all-reduce for k and v (XLA combines the two), so such a layer has three all-reduces and no permute or gather.
 
 Refusals and fallbacks (each with its reason, logged): heads or the MLP width not divisible by N refuse (there
 is no even split); KV heads not divisible by N (GQA with fewer KV heads than devices) keep the KV cache
@@ -54,6 +60,8 @@ class ShardingPlan:
     params: dict[str, P]          # kiln weight name -> PartitionSpec
     kv: P                         # the KV cache's PartitionSpec
     notes: tuple[str, ...] = ()   # what was replicated instead of sharded, and why
+    groups: dict[str, tuple[tuple[int, bool], ...]] = dataclasses.field(default_factory=dict)   # fused weight
+                                  # -> its parts (width, split over the groups or copied whole into each)
 
 
 def make_mesh(tp: int, devices: list | None = None) -> Mesh:
@@ -85,9 +93,16 @@ def plan_shardings(spec, names, tp: int, *, intermediate: int) -> ShardingPlan:
     vocab = spec.vocab_size % tp == 0
     if not vocab:
         notes.append(f"embedding and head replicated: vocabulary {spec.vocab_size} is not divisible by {tp}")
+    H, KVH, Dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    split_kv = spec.num_kv_heads % tp == 0                # else each group gets all of k and v (docstring)
+    parts = {"qkv": ((H * Dh, True), (KVH * Dh, split_kv), (KVH * Dh, split_kv)),
+             "gate_up": ((intermediate, True), (intermediate, True))}
+    groups = {n: parts[n.removesuffix("_bias")] for n in names if n.removesuffix("_bias") in parts}
     out = {}
     for name in names:
-        if name in COLUMN:
+        if name in groups:
+            out[name] = P(None, None, AXIS, None) if name in COLUMN else P(None, AXIS, None)
+        elif name in COLUMN:
             out[name] = P(None, None, AXIS)
         elif name in COLUMN_BIAS:
             out[name] = P(None, AXIS)
@@ -101,7 +116,7 @@ def plan_shardings(spec, names, tp: int, *, intermediate: int) -> ShardingPlan:
             out[name] = P()
     for n in notes:
         log.warning("tensor parallel %d: %s", tp, n)
-    return ShardingPlan(out, kv, tuple(notes))
+    return ShardingPlan(out, kv, tuple(notes), groups)
 
 
 def named(mesh: Mesh, spec: P) -> NamedSharding:
@@ -115,9 +130,25 @@ def put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def group_columns(w, parts: tuple[tuple[int, bool], ...], tp: int) -> np.ndarray:
+    """A fused weight w [..., sum of widths] (q|k|v or gate|up) -> [..., tp, group width]: group g is, part by
+    part, the g-th tp-th of a split part (q heads g*H/tp.., then its k heads, then its v heads) or the whole
+    of a copied one."""
+    w = np.asarray(w)
+    widths = [n for n, _ in parts]
+    pieces = np.split(w, np.cumsum(widths)[:-1], axis=-1)                 # [..., width] each
+    grouped = [p.reshape(*p.shape[:-1], tp, p.shape[-1] // tp) if split else
+               np.broadcast_to(p[..., None, :], (*p.shape[:-1], tp, p.shape[-1]))
+               for p, (_, split) in zip(pieces, parts)]
+    return np.concatenate(grouped, axis=-1)
+
+
 def place(params: dict[str, Any], mesh: Mesh, plan: ShardingPlan) -> dict[str, jax.Array]:
-    """The params pytree on the mesh, each weight with its planned sharding."""
-    return {k: put(v, named(mesh, plan.params[k])) for k, v in params.items()}
+    """The params pytree on the mesh, each weight with its planned sharding (fused ones regrouped first)."""
+    tp = mesh.shape[AXIS]
+    flat = lambda k, v: k in plan.groups and np.ndim(v) == (3 if k in COLUMN else 2)   # not yet regrouped
+    grouped = lambda k, v: group_columns(v, plan.groups[k], tp) if flat(k, v) else v
+    return {k: put(grouped(k, v), named(mesh, plan.params[k])) for k, v in params.items()}
 
 
 def zeros(shape, dtype, sharding: NamedSharding) -> jax.Array:
@@ -146,7 +177,8 @@ class Placement:
         """The placement of `params` over `tp` devices (tp 1 in one process: no mesh at all)."""
         if tp == 1 and not multi_process:
             return cls()
-        intermediate = params["gate_up"].shape[-1] // 2 if "gate_up" in params else 0
+        gu = params["gate_up"].shape if "gate_up" in params else (0,)    # [L, D, 2F] or grouped [L, D, tp, 2F/tp]
+        intermediate = gu[-1] * (gu[2] if len(gu) == 4 else 1) // 2
         plan = plan_shardings(spec, params, tp, intermediate=intermediate or tp)
         return cls(make_mesh(tp), plan)
 

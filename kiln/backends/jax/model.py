@@ -59,6 +59,16 @@ def _linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def _fused(x, w, b=None):
+    """A fused projection (qkv, gate_up) of x [..., D] -> [..., G, W/G]: w [D, W] is one group (G = 1); w
+    [D, G, W/G] holds G groups, each a whole q|k|v or gate|up of its own heads / columns (backends/jax/mesh.py
+    groups them so that each tensor-parallel device's slice is contiguous)."""
+    if w.ndim == 2:
+        return _linear(x, w, b)[..., None, :]
+    y = jnp.einsum("...i,igo->...go", x, w)
+    return y if b is None else y + b
+
+
 ACT = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
@@ -83,8 +93,8 @@ def _mlp(ls: LayerSpec, lw: dict[str, jax.Array], h):
     if isinstance(ls.mlp, MoeSpec):
         return _moe(ls.mlp, lw, h)
     bias = lambda name: lw[name] if ls.mlp.bias else None
-    gu = _linear(h, lw["gate_up"], bias("gate_up_bias"))                  # [B, T, 2F]
-    g, u = jnp.split(gu, 2, axis=-1)                                       # [B, T, F] each
+    gu = _fused(h, lw["gate_up"], bias("gate_up_bias"))                   # [B, T, G, 2F/G]
+    g, u = (t.reshape(*h.shape[:-1], -1) for t in jnp.split(gu, 2, axis=-1))   # [B, T, F] each
     return _linear(ACT[ls.mlp.act](g) * u, lw["down"], bias("down_bias"))  # [B, T, D]
 
 
@@ -100,10 +110,14 @@ def decoder_layer(ls: LayerSpec, spec: ModelSpec, lw: dict[str, jax.Array], x, c
     at = ls.attention
     sandwich = ls.norms == "sandwich"
     h = rms_norm(x, lw["attn_norm"], eps)                                  # [B, T, D]
-    qkv = _linear(h, lw["qkv"], bias("qkv_bias", at.qkv_bias))             # [B, T, (H+2KVH)*Dh]
-    q = qkv[..., :H * Dh].reshape(B, T, H, Dh)                             # [B, T, H, Dh]
-    k = qkv[..., H * Dh:(H + KVH) * Dh].reshape(B, T, KVH, Dh)             # [B, T, KVH, Dh]
-    v = qkv[..., (H + KVH) * Dh:].reshape(B, T, KVH, Dh)                   # [B, T, KVH, Dh]
+    qkv = _fused(h, lw["qkv"], bias("qkv_bias", at.qkv_bias))              # [B, T, G, Hg + 2 KVg]
+    G, Hg = qkv.shape[2], H // qkv.shape[2] * Dh                           # groups; one group's q width
+    KVg = (qkv.shape[-1] - Hg) // 2                                        # its k width: KVH/G heads, or all
+    q = qkv[..., :Hg].reshape(B, T, H, Dh)                                 # [B, T, H, Dh]
+    k, v = qkv[..., Hg:Hg + KVg], qkv[..., Hg + KVg:]                      # [B, T, G, KVg]
+    if G > 1 and KVg == KVH * Dh:     # every group holds all KV heads (mesh.py, KV replicated): G equal copies,
+        k, v = k.max(axis=2), v.max(axis=2)   # one kept exactly (max of equal values; an all-reduce on a mesh)
+    k, v = k.reshape(B, T, KVH, Dh), v.reshape(B, T, KVH, Dh)              # [B, T, KVH, Dh]
     if at.qk_norm:
         q, k = rms_norm(q, lw["q_norm"], eps), rms_norm(k, lw["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
