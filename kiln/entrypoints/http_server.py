@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.entrypoints import http_embeddings
 from kiln.entrypoints import openai_protocol as O
 from kiln.serving import errors as E
 from kiln.serving import tokens as T
@@ -182,6 +183,7 @@ class HttpServer:
         async def chat(request: Request):
             return await self._generate(request, chat=True)
 
+        http_embeddings.register(app, self)
         return app
 
     def _model_card(self, engine) -> dict:
