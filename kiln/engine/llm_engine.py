@@ -74,7 +74,7 @@ class LLMEngine:
         if isinstance(params, PoolingParams):
             params.verify()
             self._check_prompt(prompt_token_ids, room=0)
-            if why := self.runner.prompt_logprobs_unavailable():
+            if self.runner is not None and (why := self.runner.prompt_logprobs_unavailable()):
                 raise ValueError(f"embeddings are not available: {why}")
             return
         if not isinstance(params, SamplingParams):
@@ -84,7 +84,8 @@ class LLMEngine:
         params.validate_for_vocab(self.spec.vocab_size)
         check_supported(params, len(self.spec.eos_token_ids))
         self.structured.validate(params)
-        if params.prompt_logprobs is not None and (why := self.runner.prompt_logprobs_unavailable()):
+        if params.prompt_logprobs is not None and self.runner is not None and \
+                (why := self.runner.prompt_logprobs_unavailable()):     # None: a Ray ingress's shadow engine
             raise ValueError(f"prompt_logprobs is not available: {why}")
 
     def _check_prompt(self, prompt_token_ids: list[int], room: int) -> None:

@@ -44,8 +44,16 @@ def parse_input(body: dict) -> list[str | list[int]]:
                            "lists of token ids", "input")
 
 
-def parse_body(body: dict, hidden_size: int) -> tuple[list[str | list[int]], PoolingParams, str]:
-    """(prompts, PoolingParams, encoding_format) of an embeddings body; InvalidRequest naming the field."""
+def check_dimensions(dims, hidden_size: int) -> None:
+    """`dimensions`, when given, must be the hidden size: kiln does not truncate embeddings."""
+    if dims is not None and (isinstance(dims, bool) or dims != hidden_size):
+        raise E.InvalidRequest(f"dimensions must be this model's hidden size {hidden_size} (kiln does not "
+                               f"truncate embeddings), got {str(dims)[:40]}", "dimensions")
+
+
+def parse_body(body: dict, hidden_size: int | None) -> tuple[list[str | list[int]], PoolingParams, str]:
+    """(prompts, PoolingParams, encoding_format) of an embeddings body; InvalidRequest naming the field.
+    `dimensions` is checked when hidden_size is given (a batch line: when it is served)."""
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise E.InvalidRequest(f"unsupported field {unknown[0]!r} for /v1/embeddings", unknown[0])
@@ -54,10 +62,8 @@ def parse_body(body: dict, hidden_size: int) -> tuple[list[str | list[int]], Poo
     if enc not in ENCODINGS:
         raise E.InvalidRequest(f"encoding_format must be one of {ENCODINGS}, got {str(enc)[:40]!r}",
                                "encoding_format")
-    dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or dims != hidden_size):
-        raise E.InvalidRequest(f"dimensions must be this model's hidden size {hidden_size} (kiln does not "
-                               f"truncate embeddings), got {str(dims)[:40]}", "dimensions")
+    if hidden_size is not None:
+        check_dimensions(body.get("dimensions"), hidden_size)
     pooling = body.get("pooling", "last")
     if pooling not in POOLING_TYPES:
         raise E.InvalidRequest(f"pooling must be one of {POOLING_TYPES}, got {str(pooling)[:40]!r}", "pooling")
