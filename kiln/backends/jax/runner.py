@@ -94,7 +94,7 @@ class JaxRunner(ModelRunner):
         if key.kind in ("prefill", "score"):
             T, nbt = key.size, self.config.max_blocks_per_seq
             batch = (i32(B, T), i32(B, T), i32(B, T), i32(B, nbt), i32(B), i32(B))
-            batch += (i32(B, T),) if key.kind == "score" else ()           # the targets of prompt logprobs
+            batch += (i32(B, T), flag) if key.kind == "score" else ()      # prompt-logprob targets, wanted?
         else:
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
         spec_of = pl.abstract
@@ -185,12 +185,14 @@ class JaxRunner(ModelRunner):
         x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,
                            table_width=self.config.max_blocks_per_seq)
         targets = I.prompt_targets(rows, batch=key.batch, seq_len=key.size)
+        want_lp = any(r.sampling_params.prompt_logprobs is not None for r in rows)
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
-        args = self.placement.inputs((x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens, targets))
+        args = self.placement.inputs((x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens, targets,
+                                      np.bool_(want_lp)))
         self.k_cache, self.v_cache, logits, *scored = exe(self.params, self.k_cache, self.v_cache, *args)
         res = self._sample(rows, logits, key.batch)
         tgt, top_i, top_lp, h_sum, h_last = jax.device_get(scored)
-        if any(r.sampling_params.prompt_logprobs is not None for r in rows):
+        if want_lp:
             res.prompt_logprobs = I.prompt_logprob_entries(rows, targets, tgt, top_i, top_lp)
         res.hidden = I.pooled_hidden(rows, h_sum, h_last)
         return res

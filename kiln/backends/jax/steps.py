@@ -52,24 +52,37 @@ def prefill_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens
     return k_cache, v_cache, M.lm_head(params, last)                      # logits [B, V]
 
 
-def score_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-               block_tables, prefix_lens, q_lens, targets):
-    """A prefill that also scores the prompt: per position the logprob of targets [B, T] (the next prompt
-    token; -1: none) and the top-MAX_LOGPROBS under the raw logits of every position ([B, T, V] in memory),
-    and the final-normed hidden state summed over each row's real positions and at its last one."""
-    attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
-    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
+def _prompt_scores(params, h, targets):
+    """Per position the logprob of targets [B, T] (the next prompt token; -1: none) and the top-MAX_LOGPROBS,
+    under the raw logits of every position ([B, T, V] in memory)."""
     logits = M.lm_head(params, h)                                         # [B, T, V]
     lse = jax.nn.logsumexp(logits, axis=-1)                               # [B, T]
     tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - lse   # [B, T]
     top_v, top_i = jax.lax.top_k(logits, MAX_LOGPROBS)                    # [B, T, K]
+    return tgt, top_i.astype(jnp.int32), top_v - lse[..., None]
+
+
+def _no_scores(params, h, targets):
+    B, T = targets.shape
+    return (jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((B, T, MAX_LOGPROBS), jnp.float32))
+
+
+def score_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
+               block_tables, prefix_lens, q_lens, targets, want_lp):
+    """A prefill that also scores the prompt: when want_lp (a scalar bool: some row asked for prompt logprobs)
+    the logprob of every position's target and its top-K (`_prompt_scores`; skipped otherwise, as embeddings
+    need no logits past the last), and always the final-normed hidden state summed over each row's real
+    positions and at its last one (embeddings)."""
+    attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
+    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
+    tgt, top_i, top_lp = jax.lax.cond(want_lp, _prompt_scores, _no_scores, params, h, targets)
     last_i = jnp.maximum(q_lens - 1, 0)[:, None, None]                    # [B, 1, 1]
-    last = jnp.take_along_axis(logits, last_i, axis=1)[:, 0]              # [B, V]
+    last_h = jnp.take_along_axis(h, last_i, axis=1)[:, 0]                 # [B, D]
     hf = h.astype(jnp.float32)                                            # [B, T, D]
     real = jnp.arange(h.shape[1])[None, :, None] < q_lens[:, None, None]  # [B, T, 1]
     h_sum = jnp.sum(jnp.where(real, hf, 0.0), axis=1)                     # [B, D]
-    h_last = jnp.take_along_axis(hf, last_i, axis=1)[:, 0]                # [B, D]
-    return k_cache, v_cache, last, tgt, top_i.astype(jnp.int32), top_v - lse[..., None], h_sum, h_last
+    return k_cache, v_cache, M.lm_head(params, last_h), tgt, top_i, top_lp, h_sum, last_h.astype(jnp.float32)
 
 
 def decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
