@@ -62,13 +62,9 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
-        """Raise ValueError naming the field and the limit for input the engine cannot serve.
-
-        `params` is verified again (a field may have been set after it was built). A `max_tokens` beyond the
-        context is not an error: the request finishes with `length` when the context is full (SamplingParams).
-        PoolingParams make an embedding request (its prompt may fill max_model_len). Raises EngineDeadError
-        once the engine is dead.
-        """
+        """Raise ValueError naming the field and the limit for input the engine cannot serve (EngineDeadError
+        once the engine is dead). `params` is verified again (a field may have been set after it was built); a
+        `max_tokens` beyond the context finishes with `length`. PoolingParams (embeddings) may fill max_model_len."""
         if self._dead is not None:
             raise EngineDeadError(str(self._dead)) from self._dead.__cause__
         if isinstance(params, PoolingParams):
