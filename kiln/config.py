@@ -209,6 +209,8 @@ class CompileConfig:
     prefill_strategy: str = "min_tokens" # warmup order of prefill buckets: min_tokens | max_bs
     decode_strategy: str = "max_bs"      # warmup order of decode buckets: max_bs | min_tokens
     compile_workers: int = 2             # graphs compiled at once
+    warmup_scoring: bool = False         # warmup also builds a score graph per prefill graph (prompt logprobs,
+                                         # echo and embeddings on an engine that forbids compiles after warmup)
 
     def __post_init__(self):
         if self.prefill_strategy not in PREFILL_STRATEGIES:

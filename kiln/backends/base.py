@@ -36,6 +36,10 @@ class StepResult:
     # that position) -- rows whose SamplingParams.prompt_logprobs is set; the chunk's last position only when
     # next_token_id >= 0
     prompt_logprobs: list | None = None
+    # pooled hidden states, per row: None, or (sum over the chunk's positions [D], the chunk's last position
+    # [D]) of the final-normed hidden state, float32 numpy -- rows with ScheduledRow.pooling set (embeddings);
+    # the engine adds the chunks' sums up and pools after the prompt's last chunk
+    hidden: list | None = None
 
 
 @dataclasses.dataclass
@@ -85,7 +89,8 @@ class ModelRunner(abc.ABC):
         """A snapshot of this runner's counters."""
 
     def prompt_logprobs_unavailable(self) -> str | None:
-        """Why this runner cannot score prompts now (prompt_logprobs, echo), or None when it can."""
+        """Why this runner cannot score prompts now (prompt_logprobs, echo, embeddings: the steps that return
+        more than the last position's logits), or None when it can."""
         return None
 
     @classmethod

@@ -112,6 +112,15 @@ def prompt_logprob_entries(rows: Sequence[ScheduledRow], targets: np.ndarray, ta
     return out
 
 
+def pooled_hidden(rows: Sequence[ScheduledRow], h_sum: np.ndarray, h_last: np.ndarray) -> list | None:
+    """StepResult.hidden from [B, D] sums over each row's real positions and [B, D] last positions: (sum, last)
+    float32 for the rows with pooling set, None for the others; None when no row pools."""
+    if not any(r.pooling is not None for r in rows):
+        return None
+    return [None if r.pooling is None else (np.asarray(h_sum[i], np.float32), np.asarray(h_last[i], np.float32))
+            for i, r in enumerate(rows)]
+
+
 # -- sampling parameters ----------------------------------------------------------------------------------
 class SamplingTensors(NamedTuple):
     """Per-row sampling parameters for one batch (a pytree: numpy on the host, jax arrays in a JAX graph)."""

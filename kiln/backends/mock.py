@@ -9,7 +9,9 @@ last scheduled token and `pos` its position. On top of that, with the engine's s
 - while `output_index < min_tokens`, the row's eos ids and `stop_token_ids` are skipped the same way;
 - a row's grammar bitmask (structured outputs) is obeyed the same way: a token it does not allow is skipped;
 - the sampled token's logprob is `mock_logprob(token)` = -0.25 * (1 + token % 4), and the top-N list is the
-  sampled token then the next ids, each 1.0 lower.
+  sampled token then the next ids, each 1.0 lower;
+- a pooling row (embeddings) returns, for its chunk, the sum and the last of `mock_hidden(token)` =
+  [(token + d) % 5 - 2 for d in range(hidden_size)] over its tokens (its final hidden state is its own token's).
 `fault` (a callable given the step) may raise to inject a failure; `step_seconds` slows every step down.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ import collections
 import dataclasses
 import time
 from typing import Any, Callable
+
+import numpy as np
 
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 
@@ -28,6 +32,11 @@ def next_token(last: int, pos: int, vocab: int) -> int:
 
 def mock_logprob(token: int) -> float:
     return -0.25 * (1 + token % 4)
+
+
+def mock_hidden(token: int, hidden_size: int) -> np.ndarray:
+    """[hidden_size] float32: the mock's final hidden state at a position holding `token`."""
+    return ((token + np.arange(hidden_size)) % 5 - 2).astype(np.float32)
 
 
 class MockRunner(ModelRunner):
@@ -80,9 +89,15 @@ class MockRunner(ModelRunner):
         plp = None
         if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in step.rows):
             plp = [self._prompt_logprobs(r) for r in step.rows]
+        hidden = None
+        if any(r.pooling is not None for r in step.rows):
+            D = self.spec.hidden_size
+            hidden = [None if r.pooling is None else
+                      (sum(mock_hidden(t, D) for t in r.token_ids), mock_hidden(r.token_ids[-1], D))
+                      for r in step.rows]
         # no padding: every computed token is a real one
         self._stats.add_step(f"{step.kind}(batch={len(step.rows)})", step.num_tokens, step.num_tokens)
-        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp)
+        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp, hidden)
 
     def _prompt_logprobs(self, row):
         """Position j's target t (the next prompt token) scores mock_logprob(t); its top-k are t + m, each m

@@ -1,6 +1,7 @@
 """GraphKey: which compiled graph a step needs, one of the planned buckets (compile/buckets) of a family.
 
     prefill(batch, seq_len)    decode(batch, num_blocks)    sample(batch, 0 greedy | 1 general)
+    score(batch, seq_len): a prefill that also returns prompt logprobs and pooled hidden states
 
 Warmup (compile/warmup) builds graphs by key, the graph cache (compile/graph_cache) stores them under a
 fingerprint that includes the key, and metrics name buckets by `str(key)`. It names shapes, never a backend.
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 
-SIZE_NAMES = {"prefill": "seq_len", "decode": "blocks", "sample": "general"}
+SIZE_NAMES = {"prefill": "seq_len", "decode": "blocks", "sample": "general", "score": "seq_len"}
 
 
 @dataclasses.dataclass(frozen=True)
 class GraphKey:
-    kind: str          # prefill | decode | sample
+    kind: str          # prefill | decode | sample | score
     batch: int
     size: int          # prefill: seq_len bucket; decode: num_blocks bucket; sample: 0 greedy, 1 general
 

@@ -7,6 +7,7 @@ the planner's buckets:
     required buckets (hold every admissible step)  ─┐   (+ the sampler graphs of every batch size)
     other buckets in strategy order, while the      ├─> runner.load_or_compile, `compile_workers` at once
       prefill / decode graph budgets last          ─┘     [Warmup][Prompt][3/24] batch_size:4 seq_len:512 ...
+    with --warmup-scoring: a score graph (prompt logprobs + pooled hidden states) for every prefill graph built
     ─> summary (graphs, hits, compile seconds, graph memory, KV memory) ─> guard.arm()
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _family(runner, kind: str, buckets: list[tuple[int, int]], required: list[tu
     keys = [GraphKey(kind, b, s) for b, s in ordered]
     n_required = sum(b in buckets for b in required)
     label, size_name = {"prefill": ("Prompt", "seq_len"), "decode": ("Decode", "num_blocks"),
-                        "sample": ("Sampler", "general")}[kind]
+                        "sample": ("Sampler", "general"), "score": ("Score", "seq_len")}[kind]
     report.planned += len(keys)
     workers = max(1, runner.config.compile.compile_workers)
 
@@ -103,6 +104,7 @@ def build_graphs(runner, check_only: bool = False, show_progress: bool = True) -
         prefill, decode = [], []
     if "sample" not in runner.compiled_kinds:
         samplers = []
+    scoring = getattr(comp, "warmup_scoring", False) and "score" in runner.compiled_kinds and bool(prefill)
     with tqdm(total=len(prefill) + len(decode) + len(samplers), desc="warmup", unit="graph",
               disable=not show_progress) as bar:
         _family(runner, "prefill", prefill, req_prefill, comp.prefill_strategy, mem.prompt_graph_bytes, report,
@@ -110,6 +112,11 @@ def build_graphs(runner, check_only: bool = False, show_progress: bool = True) -
         _family(runner, "decode", decode, req_decode, comp.decode_strategy, mem.decode_graph_bytes, report,
                 check_only, bar)
         _family(runner, "sample", samplers, samplers, "max_bs", 0, report, check_only, bar)   # small, all required
+        if scoring:     # a score graph beside every prefill graph built, so every prefill step can be scored
+            scored = [(r["batch"], r["size"]) for r in report.rows if r["kind"] == "prefill" and r["source"] != "missing"]
+            bar.total += len(scored)
+            _family(runner, "score", scored, scored, comp.prefill_strategy, 0, report, check_only, bar)
+            runner.scoring_warmed = not check_only
     report.seconds = time.perf_counter() - t0
     if not check_only:
         log.info("Warmup done in %.1fs: captured %d/%d graphs (%.0f%%; %d from cache, %d compiled, %d over budget), "

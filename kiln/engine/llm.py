@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from kiln import config as C
 from kiln.engine.build import build_config, build_engine
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from kiln.engine.pooling import PoolingParams
 from kiln.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "build_config", "build_engine"]
@@ -49,6 +50,16 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         ids = [self.engine.add_request(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def embed(self, prompts: str | dict | Sequence[str | dict] | Sequence[list[int]],
+              pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """The pooled final hidden state of every prompt (vLLM's `LLM.embed`: `out.outputs.embedding`); last-token
+        pooling, L2-normalised, unless `pooling_params` says otherwise. Prompts take generate()'s forms."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        pp = pooling_params or PoolingParams()
+        ids = [self.engine.add_request(_prompt(p), pp) for p in prompts]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],

@@ -1,19 +1,16 @@
 """The synchronous engine: add requests, step, abort. Everything above it (LLM, AsyncEngine) drives this.
 
-    add_request ─> validate ─> n child Requests (sample i of request R is `R` for n=1, else `R#i`)
-    step():  scheduler.schedule() ─> runner.execute() ─> scheduler.on_step_done()
+    add_request ─> validate ─> n child Requests (engine/parents: sample i of request R is `R` for n=1, else `R#i`)
+    step():  scheduler.schedule() ─> runner.execute() (engine/isolation) ─> scheduler.on_step_done()
              ─> per sampled row: append token, detokenize, check stop conditions, finish
-             ─> RequestOutput for every parent that changed (cumulative text and tokens)
+             ─> per pooling row (embeddings, engine/pooling): add the chunk's hidden states; pool after the last
+             ─> RequestOutput / EmbeddingRequestOutput for every parent that changed (cumulative)
 
 Samples of one request share the prompt's KV blocks through the prefix cache.
 
-Faults are contained to the requests they touch:
-- runner.execute raises (or returns a result of the wrong length): the step's rows are run again in halves,
-  recursively (at most MAX_EXECUTES_PER_STEP calls), so the rows that fail on their own are found; the others
-  keep their results (a row's K/V write and its seeded draw are the same on a retry). Rows with a token outside
-  the vocabulary fail alone.
-- post-processing one row raises (detokenizer, stop checks): only that row's request fails.
-A failed request's samples are finished (blocks freed) and step() raises StepError({request id: cause}) with the
+Faults are contained to the requests they touch: a runner error is isolated to the rows that fail on their own
+(engine/isolation); post-processing one row that raises (detokenizer, stop checks) fails only its request. A
+failed request's samples are finished (blocks freed) and step() raises StepError({request id: cause}) with the
 other requests' outputs. After MAX_FAILED_STEPS_IN_A_ROW steps in which no row could run, or on any error of
 the scheduler itself, the engine is dead: step() and validate() raise EngineDeadError from then on.
 """
@@ -23,15 +20,17 @@ import dataclasses
 import itertools
 import logging
 import numbers
-import operator
 import random
 
-from kiln.backends.base import ModelRunner, StepResult
+from kiln.backends.base import ModelRunner
 from kiln.backends.inputs import check_supported
 from kiln.config import EngineConfig
 from kiln.engine.detokenizer import IncrementalDetokenizer
 from kiln.engine.errors import EngineDeadError, StepError
-from kiln.engine.outputs import CompletionOutput, RequestOutput
+from kiln.engine.isolation import RowResult, execute_isolating
+from kiln.engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from kiln.engine.parents import _Parent, _Sample, set_next_prompt_tokens
+from kiln.engine.pooling import PoolingParams
 from kiln.engine.request import Request
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler
@@ -50,32 +49,6 @@ MAX_EXECUTES_PER_STEP = 24
 broken device fails the step after 24 calls instead of 2 * rows - 1."""
 
 
-@dataclasses.dataclass
-class _Sample:
-    """One of a parent's n samples: its scheduler request, detokenizer and output so far."""
-    request: Request
-    detok: IncrementalDetokenizer
-    output: CompletionOutput
-
-
-@dataclasses.dataclass
-class _Parent:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    samples: list[_Sample]
-    prompt_logprobs: list | None = None     # [prompt len]: None first, then {token: logprob} per position
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [dataclasses.replace(s.output, token_ids=list(s.output.token_ids),
-                                                  logprobs=None if s.output.logprobs is None
-                                                  else list(s.output.logprobs)) for s in self.samples],
-                             finished=all(s.output.finished for s in self.samples),
-                             num_cached_tokens=max(self.samples[0].request.num_cached_tokens, 0),
-                             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs))
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, spec: ModelSpec, runner: ModelRunner, tokenizer: Tokenizer):
         self.config, self.spec, self.runner, self.tokenizer = config, spec, runner, tokenizer
@@ -88,38 +61,47 @@ class LLMEngine:
         self.structured = StructuredState(getattr(tokenizer, "hf", None), spec.vocab_size, spec.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field and the limit for input the engine cannot serve.
-
-        `params` is verified again (a field may have been set after it was built). A `max_tokens` beyond the
-        context is not an error: the request finishes with `length` when the context is full (SamplingParams).
-        Raises EngineDeadError once the engine is dead.
-        """
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
+        """Raise ValueError naming the field and the limit for input the engine cannot serve (EngineDeadError
+        once the engine is dead). `params` is verified again (a field may have been set after it was built); a
+        `max_tokens` beyond the context finishes with `length`. PoolingParams (embeddings) may fill max_model_len."""
         if self._dead is not None:
             raise EngineDeadError(str(self._dead)) from self._dead.__cause__
-        max_len = self.config.scheduler.max_model_len
+        if isinstance(params, PoolingParams):
+            params.verify()
+            self._check_prompt(prompt_token_ids, room=0)
+            if self.runner is not None and (why := self.runner.prompt_logprobs_unavailable()):
+                raise ValueError(f"embeddings are not available: {why}")
+            return
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.verify()
+        self._check_prompt(prompt_token_ids, room=1)
+        params.validate_for_vocab(self.spec.vocab_size)
+        check_supported(params, len(self.spec.eos_token_ids))
+        self.structured.validate(params)
+        if params.prompt_logprobs is not None and self.runner is not None and \
+                (why := self.runner.prompt_logprobs_unavailable()):     # None: a Ray ingress's shadow engine
+            raise ValueError(f"prompt_logprobs is not available: {why}")
+
+    def _check_prompt(self, prompt_token_ids: list[int], room: int) -> None:
+        """Non-empty, in the vocabulary, and at most max_model_len - room tokens."""
+        max_len = self.config.scheduler.max_model_len
         if not prompt_token_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
-        if len(prompt_token_ids) >= max_len:
-            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len is {max_len} and at "
-                             f"least one token must be left to generate")
+        if len(prompt_token_ids) > max_len - room:
+            raise ValueError(f"prompt is {len(prompt_token_ids)} tokens; max_model_len is {max_len}"
+                             + (" and at least one token must be left to generate" if room else ""))
         bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                or not 0 <= t < self.spec.vocab_size]
         if bad:
             shown = "a huge integer" if isinstance(bad[0], int) and abs(bad[0]) >= 2**64 else repr(bad[0])[:40]
             raise ValueError(f"prompt_token_ids holds {shown}, outside the vocabulary [0, {self.spec.vocab_size})")
-        params.validate_for_vocab(self.spec.vocab_size)
-        check_supported(params, len(self.spec.eos_token_ids))
-        self.structured.validate(params)
-        if params.prompt_logprobs is not None and (why := self.runner.prompt_logprobs_unavailable()):
-            raise ValueError(f"prompt_logprobs is not available: {why}")
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None,
                     request_id: str | None = None, prompt_text: str | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Raises ValueError for bad input."""
+        """Queue a prompt (text or token ids); returns its request id. Raises ValueError for bad input.
+        With PoolingParams the request is an embedding: its output is an EmbeddingRequestOutput."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
@@ -129,11 +111,16 @@ class LLMEngine:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._parents:
             raise ValueError(f"request_id {rid!r} is already in use")
-        parent = _Parent(rid, text, ids, [], None if params.prompt_logprobs is None else [None] * len(ids))
+        pooling = params if isinstance(params, PoolingParams) else None
+        if pooling is not None:               # prefill only: the token its last chunk samples is dropped
+            params = SamplingParams(temperature=0.0, max_tokens=1)
+        parent = _Parent(rid, text, ids, [], None if params.prompt_logprobs is None else [None] * len(ids),
+                         pooling=pooling)
         for i in range(params.n):
             cid = rid if params.n == 1 else f"{rid}#{i}"
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(32)
-            req = Request(cid, list(ids), params, seed, eos_token_ids=() if params.ignore_eos else self.spec.eos_token_ids)
+            req = Request(cid, list(ids), params, seed, eos_token_ids=() if params.ignore_eos else self.spec.eos_token_ids,
+                          pooling=None if pooling is None else pooling.pooling)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
             out = CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
@@ -141,12 +128,13 @@ class LLMEngine:
             sample = _Sample(req, detok, out)
             parent.samples.append(sample)
             self._child_to_parent[cid] = (parent, sample)
-            self.structured.add(cid, params)
+            if pooling is None:
+                self.structured.add(cid, params)
             self.scheduler.add_request(req)
         self._parents[rid] = parent
         return rid
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput | None:
         """Stop a request now (finish reason `abort`) and free its blocks."""
         parent = self._parents.pop(request_id, None)
         if parent is None:
@@ -169,7 +157,7 @@ class LLMEngine:
         """Why the engine stopped serving, or None while it is alive."""
         return self._dead
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         """Run one step; return a RequestOutput for every request that changed.
 
         Raises StepError when the step failed some requests (their blocks are freed; `error.outputs` holds the
@@ -181,12 +169,9 @@ class LLMEngine:
         if sched is None:
             return []
         self.structured.fill(sched.rows)        # the constrained rows' next-token masks
-        for r in sched.rows:                     # prompt logprobs: the target after each chunk
-            if r.sampling_params.prompt_logprobs is not None and r.start_pos + len(r.token_ids) < r.prompt_len:
-                r.next_token_id = self._child_to_parent[r.request_id][0].prompt_token_ids[
-                    r.start_pos + len(r.token_ids)] if r.request_id in self._child_to_parent else -1
-        results, row_errors = self._execute_isolating(sched, list(range(len(sched.rows))),
-                                                      [MAX_EXECUTES_PER_STEP])
+        set_next_prompt_tokens(sched.rows, self._child_to_parent)   # prompt logprobs: the target after each chunk
+        results, row_errors = execute_isolating(self.runner, sched, list(range(len(sched.rows))),
+                                                [MAX_EXECUTES_PER_STEP], self.spec.vocab_size)
         self._failed_steps_in_a_row = 0 if results else self._failed_steps_in_a_row + 1
         self._scheduler_call(self.scheduler.on_step_done, dataclasses.replace(
             sched, rows=[sched.rows[i] for i in sorted(results)]))
@@ -201,16 +186,21 @@ class LLMEngine:
             if i in row_errors:
                 failed[parent.request_id] = row_errors[i]
                 continue
-            if parent.prompt_logprobs is not None and results[i][3] is not None and sample.output.index == 0:
-                self._prompt_logprobs(parent, row, results[i][3])
-            if row.sample:
-                try:
-                    self._append(sample, row, results[i])
+            res = results[i]
+            if parent.prompt_logprobs is not None and res.prompt_logprobs is not None and sample.output.index == 0:
+                parent.record_prompt_logprobs(row, res.prompt_logprobs)
+            try:
+                if parent.pooling is not None:      # an embedding: pooled after the last chunk, no token
+                    if parent.record_hidden(row, res.hidden):
+                        self._finish(sample, "stop")
+                        changed[parent.request_id] = parent
+                elif row.sample:
+                    self._append(sample, row, res)
                     changed[parent.request_id] = parent
-                except EngineDeadError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - a fault of this request only
-                    failed[parent.request_id] = e
+            except EngineDeadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a fault of this request only
+                failed[parent.request_id] = e
         outputs = self._outputs(changed, failed)
         if failed:
             self._fail_requests(failed)
@@ -221,45 +211,6 @@ class LLMEngine:
         if failed:
             raise StepError(failed, outputs)
         return outputs
-
-    # -- fault isolation --------------------------------------------------------------------------
-    def _execute_isolating(self, sched, idx: list[int], budget: list[int], cause: BaseException | None = None):
-        """Run rows `idx` of `sched` (a SchedulerOutput); on an error run each half again, down to single rows.
-
-        The whole step spends at most `budget[0]` runner calls; rows left when it runs out fail with `cause`
-        (the error of the larger part they were in). Returns ({row index: (token, logprob, top)},
-        {row index: exception}) covering every index.
-        """
-        if budget[0] <= 0 and cause is not None:
-            return {}, dict.fromkeys(idx, cause)
-        budget[0] -= 1
-        step = sched if len(idx) == len(sched.rows) else dataclasses.replace(
-            sched, rows=[sched.rows[i] for i in idx], preempted=[])
-        try:
-            result: StepResult = self.runner.execute(step)
-            if len(result.tokens) != len(idx) or len(result.logprobs) != len(idx) or \
-                    (result.top is not None and len(result.top) != len(idx)):
-                raise RuntimeError(f"runner returned {len(result.tokens)} tokens for {len(idx)} rows")
-        except Exception as e:  # noqa: BLE001 - isolated below
-            if len(idx) == 1:
-                return {}, {idx[0]: e}
-            result, error = None, e    # retried outside the except block, so tracebacks do not chain
-        if result is None:
-            ok_a, bad_a = self._execute_isolating(sched, idx[:len(idx) // 2], budget, error)
-            ok_b, bad_b = self._execute_isolating(sched, idx[len(idx) // 2:], budget, error)
-            return {**ok_a, **ok_b}, {**bad_a, **bad_b}
-        results, failures = {}, {}
-        vocab = self.spec.vocab_size
-        for j, i in enumerate(idx):
-            try:
-                token = operator.index(result.tokens[j])
-                if not 0 <= token < vocab:
-                    raise RuntimeError(f"runner returned token {token}, outside the vocabulary [0, {vocab})")
-                results[i] = (token, result.logprobs[j], None if result.top is None else result.top[j],
-                              None if result.prompt_logprobs is None else result.prompt_logprobs[j])
-            except Exception as e:  # noqa: BLE001 - this row only
-                failures[i] = e
-        return results, failures
 
     def _outputs(self, changed: dict[str, _Parent], failed: dict[str, BaseException]) -> list[RequestOutput]:
         """The RequestOutput of every changed parent that did not fail; finished parents are forgotten."""
@@ -307,9 +258,9 @@ class LLMEngine:
         self._dead.__cause__ = cause
         raise self._dead
 
-    def _append(self, s: _Sample, row: ScheduledRow, sampled: tuple) -> None:
+    def _append(self, s: _Sample, row: ScheduledRow, sampled: RowResult) -> None:
         req, params, out = s.request, s.request.sampling_params, s.output
-        token, logprob, top = sampled[:3]
+        token, logprob, top = sampled.token, sampled.logprob, sampled.top
         req.output_token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -332,20 +283,6 @@ class LLMEngine:
         elif (params.max_tokens is not None and n_out >= params.max_tokens) or \
                 req.num_tokens >= self.config.scheduler.max_model_len:
             self._finish(s, "length")
-
-    @staticmethod
-    def _prompt_logprobs(parent: _Parent, row: ScheduledRow, plp: list) -> None:
-        """Record a prefill chunk's prompt logprobs: position j predicts prompt token start_pos + j + 1 (a
-        recomputed chunk, after preemption, writes the same entries again)."""
-        k = row.sampling_params.prompt_logprobs
-        for j, entry in enumerate(plp):
-            pos = row.start_pos + j + 1
-            if entry is None or pos >= len(parent.prompt_token_ids):
-                continue
-            lp, top = entry
-            d = {parent.prompt_token_ids[pos]: lp}
-            d.update((t, v) for t, v in top[:k] if t not in d)
-            parent.prompt_logprobs[pos] = d
 
     def _finish(self, s: _Sample, reason: str, stop_reason=None) -> None:
         s.output.text += s.detok.flush()

@@ -29,3 +29,19 @@ class RequestOutput:
     num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache
     prompt_logprobs: list[dict[int, float] | None] | None = None   # per prompt token (None for the first):
                                                 # {token_id: logprob} of it and the top-N, when asked
+
+
+@dataclasses.dataclass
+class EmbeddingOutput:
+    embedding: list[float]                      # [hidden size], pooled (and L2-normalised unless asked not to)
+
+
+@dataclasses.dataclass
+class EmbeddingRequestOutput:
+    """vLLM's shape: `out.outputs.embedding`. `outputs.embedding` is empty until finished (and if aborted)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool
+    finish_reason: str | None = None            # stop (pooled) | abort | error

@@ -29,6 +29,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None       # stop | length | abort | error (failed by the engine: StepError)
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it
+    pooling: str | None = None             # an embedding request: "last" | "mean" (prefill only, no token)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -74,7 +74,7 @@ class Scheduler:
             block_table=self.kv.block_table(req.request_id), sample=start + num_new == req.num_tokens,
             sampling_params=sp, seed=req.seed, output_index=len(req.output_token_ids),
             prompt_len=len(req.prompt_token_ids), history=req.all_token_ids if penalties else [],
-            eos_token_ids=req.eos_token_ids)
+            eos_token_ids=req.eos_token_ids, pooling=req.pooling)
 
     def _schedule_prefill(self) -> SchedulerOutput:
         plan = self.config.buckets
@@ -97,7 +97,8 @@ class Scheduler:
         while self.waiting and len(rows) < max_rows and len(self.running) < self.config.scheduler.max_num_seqs:
             req = self.waiting[0]
             blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids) \
-                if req.sampling_params.prompt_logprobs is None else ([], 0)   # prompt logprobs: recompute all
+                if req.sampling_params.prompt_logprobs is None and req.pooling is None \
+                else ([], 0)   # prompt logprobs and embeddings: compute every position
             req.num_computed_tokens = cached
             n = chunk_for(req)
             if n == 0 or not self.kv.allocate_slots(req.request_id, cached + n, blocks):

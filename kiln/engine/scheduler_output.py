@@ -25,6 +25,12 @@ class ScheduledRow:
                                   # t // 32), set by the engine for sampled structured rows; None: all
     next_token_id: int = -1       # prompt logprobs: the prompt token after this chunk (-1: the chunk ends the
                                   # prompt, or the row did not ask); position j's target is token_ids[j + 1]
+    pooling: str | None = None    # embeddings: "last" | "mean"; the runner returns StepResult.hidden for the row
+
+    @property
+    def scores(self) -> bool:
+        """Whether the row needs more than its last position's logits (prompt logprobs or pooling)."""
+        return self.pooling is not None or self.sampling_params.prompt_logprobs is not None
 
 
 @dataclasses.dataclass

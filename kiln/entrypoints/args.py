@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="do not build graphs up front; compile each bucket when first needed (also KILN_SKIP_WARMUP=1)")
     c.add_argument("--allow-lazy-compile", action="store_true",
                    help="after warmup, compile a missing bucket (counted in metrics) instead of failing")
+    c.add_argument("--warmup-scoring", action="store_true",
+                   help="warmup also builds the scoring graphs (one per prefill graph) that prompt_logprobs, echo "
+                        "and /v1/embeddings need on the jax backend")
     c.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
                    help="do not read or write compiled graphs under $KILN_CACHE_DIR/graphs")
     c.add_argument("--memory-utilization", type=float, default=0.9,
@@ -99,6 +102,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                 kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
                 buckets=buckets, warmup=a.warmup, allow_lazy_compile=a.allow_lazy_compile,
+                warmup_scoring=getattr(a, "warmup_scoring", False),
                 graph_cache=a.graph_cache, memory_utilization=a.memory_utilization,
                 graph_reserved_fraction=a.graph_reserved_fraction, graph_prompt_ratio=a.graph_prompt_ratio,
                 prefill_strategy=a.prefill_strategy, decode_strategy=a.decode_strategy,

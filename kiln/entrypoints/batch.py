@@ -36,6 +36,7 @@ from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
+from kiln.entrypoints import embeddings_format as EF
 from kiln.entrypoints import openai_protocol as O
 from kiln.entrypoints.batch_files import (BatchUsageError, Writer, check_paths, count_lines, partial_path,
                                           read_lines, repair_torn_tail, scan_done, sniff_format)
@@ -132,6 +133,8 @@ class _Job:
                         f"The model `{req.model[:200]}` does not exist; this job serves `{self.model}`", 404)
             return
         try:
+            if req.url == F.EMBEDDINGS_URL:
+                return await self._embed(req, rid)
             prompts, tools = [req.prompt], None
             if req.tools:
                 prompts, tools = O.parse_tools(req.tools, prompts, req.params, self.engine.tokenizer.chat_template)
@@ -151,6 +154,15 @@ class _Job:
             raise
         except Exception as e:            # a bug of ours: answer the line, keep the job going
             self._error(req.lineno, req.custom_id, "internal_error", f"{type(e).__name__}: {e}", 500)
+
+    async def _embed(self, req: F.BatchRequest, rid: str) -> None:
+        """An embeddings line (embeddings_format; its errors are _serve's)."""
+        EF.check_dimensions(req.dimensions, self.core.ready().engine.spec.hidden_size)
+        outs = await self.core.embed(req.prompt, req.params, request_id=rid)
+        body = EF.response(outs, model=self.model, encoding_format=req.encoding_format,
+                           request_id="embd-" + rid[11:], created=self.created)
+        self.stats.prompt_tokens += body["usage"]["prompt_tokens"]
+        self._emit(F.ok_record(F.record_id(self.job, req.lineno), req.custom_id, rid, body), ok=True)
 
     def _parse(self, lineno: int, raw: bytes, seen: set[str]) -> F.BatchRequest | F.LineError:
         try:

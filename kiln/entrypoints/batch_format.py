@@ -2,8 +2,8 @@
 
     input line  {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
         ── parse_jsonl_line ──> BatchRequest(prompt or messages, SamplingParams)   or LineError(code, message)
-    RequestOutput ── ok_record ──> {"id", "custom_id", "response": {"status_code": 200, "body": ...}, "error": null}
-    LineError     ── error_record ──> {"id", "custom_id", "response": {"status_code": 400, "body": {"error"}}, "error"}
+                            BatchRequest(inputs, PoolingParams)   for "url": "/v1/embeddings" (embeddings_format)
+    outputs ── batch_records (re-exported here) ──> ok / error records
 
 Body fields follow the OpenAI API plus vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
 min_tokens, stop_token_ids, ...; structured outputs as response_format, structured_outputs or guided_*:
@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from typing import Any, Callable
+from typing import Any
 
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.pooling import PoolingParams
 from kiln.engine.sampling_params import SamplingParams
+from kiln.entrypoints import embeddings_format as EF
+from kiln.entrypoints.batch_records import (CHAT_URL, MIN_LOGPROB, chat_logprobs, completion_logprobs,  # noqa: F401
+                                            dumps, echo_logprobs, error_record, lineno_of, ok_record,
+                                            record_id, response_body)
+from kiln.serving.errors import InvalidRequest
 from kiln.structured.params import from_body as structured_from_body
 
-CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-URLS = (CHAT_URL, COMPLETIONS_URL)
+EMBEDDINGS_URL = "/v1/embeddings"
+URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")   # read by openai_protocol.parse_tools
-MIN_LOGPROB = -9999.0        # -inf is not JSON; vLLM clamps the same way
 
 
 class LineError(Exception):
@@ -46,13 +49,16 @@ class LineError(Exception):
 class BatchRequest:
     lineno: int                                 # 1-based line number in the input
     custom_id: str
-    url: str                                    # CHAT_URL or COMPLETIONS_URL
-    prompt: str | list[int] | list[dict[str, str]]   # completion text / token ids, or chat messages
-    params: SamplingParams
+    url: str                                    # CHAT_URL, COMPLETIONS_URL or EMBEDDINGS_URL
+    prompt: str | list[int] | list[dict[str, str]] | list   # completion text / token ids, chat messages, or
+                                                            # embeddings: the list of inputs
+    params: SamplingParams | PoolingParams
     echo: bool = False                          # completions: put the prompt text before the completion
     echo_only: bool = False                     # echo with max_tokens 0: the prompt alone
     model: str | None = None                    # the body's `model`, checked against the served one
     tools: dict | None = None                   # chat: the body's tools, tool_choice, parallel_tool_calls
+    encoding_format: str = "float"              # embeddings: float | base64
+    dimensions: Any = None                      # embeddings: checked against the hidden size when served
 
 
 # -- input ----------------------------------------------------------------------------------------
@@ -93,6 +99,13 @@ def parse_jsonl_line(raw: bytes | str, lineno: int, seen: set[str] | None = None
         if not isinstance(body, dict):
             raise LineError("invalid_request", f"body must be a JSON object, got {_kind(body)}")
         tools = None
+        if url == EMBEDDINGS_URL:
+            try:
+                prompts, pooling, enc = EF.parse_body(body, None)
+            except InvalidRequest as e:
+                raise LineError("invalid_request", e.message) from None
+            return BatchRequest(lineno, cid, url, prompts, pooling, model=body.get("model") if isinstance(
+                body.get("model"), str) else None, encoding_format=enc, dimensions=body.get("dimensions"))
         if url == CHAT_URL:
             tools = {k: body[k] for k in TOOL_FIELDS if k in body} or None
             body = {k: v for k, v in body.items() if k not in TOOL_FIELDS}
@@ -272,119 +285,3 @@ def echo_only(body: dict) -> bool:
     """`echo` with `max_tokens: 0`: answer with the prompt (and its logprobs) only, as lm-eval's loglikelihood
     requests ask."""
     return bool(body.get("echo")) and body.get("max_tokens") == 0
-
-
-# -- output ---------------------------------------------------------------------------------------
-def record_id(job: str, lineno: int) -> str:
-    return f"batch_req_{job}_{lineno}"
-
-
-def lineno_of(record: dict) -> int | None:
-    """The input line a record answers (from its id), or None if the record is not one of ours."""
-    rid = record.get("id") if isinstance(record, dict) else None
-    if not isinstance(rid, str) or not rid.startswith("batch_req_"):
-        return None
-    tail = rid.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else None
-
-
-def _lp(x: float) -> float:
-    return MIN_LOGPROB if math.isnan(x) else max(x, MIN_LOGPROB)
-
-
-def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    """The k most likely tokens of one position (the entry also holds the sampled token)."""
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-
-
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int,
-                  decode: Callable[[int], str]) -> dict:
-    def item(t: int, lp: float) -> dict:
-        s = decode(t)
-        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
-    return {"content": [dict(item(t, e[t]), top_logprobs=[item(a, b) for a, b in _top(e, k)])
-                        for t, e in zip(token_ids, logprobs)]}
-
-
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int,
-                        decode: Callable[[int], str], offset: int = 0) -> dict:
-    tokens, offsets = [], []
-    for t in token_ids:
-        offsets.append(offset)
-        tokens.append(decode(t))
-        offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [_lp(e[t]) for t, e in zip(token_ids, logprobs)],
-            "top_logprobs": [{decode(a): _lp(b) for a, b in _top(e, k)} for e in logprobs],
-            "text_offset": offsets}
-
-
-def echo_logprobs(out: RequestOutput, lp: dict, k: int, decode: Callable[[int], str]) -> dict:
-    """Completion logprobs with the prompt's before them: its first token has none (null), as in vLLM."""
-    ids, plp = out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    tokens = [decode(t) for t in ids]
-    offsets, off = [], 0
-    for t in tokens:
-        offsets.append(off)
-        off += len(t)
-    return {"tokens": tokens + lp["tokens"],
-            "token_logprobs": [None if e is None else _lp(e[t]) for t, e in zip(ids, plp)] + lp["token_logprobs"],
-            "top_logprobs": [None if e is None else {decode(a): _lp(b) for a, b in _top(e, k)} for e in plp]
-            + lp["top_logprobs"],
-            "text_offset": offsets + [o + off for o in lp["text_offset"]]}
-
-
-def response_body(req: BatchRequest, out: RequestOutput, *, model: str, body_id: str, created: int,
-                  decode: Callable[[int], str]) -> dict:
-    """The chat.completion / text_completion object of one finished request."""
-    chat = req.url == CHAT_URL
-    k = req.params.logprobs
-    prefix = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else \
-        "".join(decode(t) for t in out.prompt_token_ids)
-    choices = []
-    for c in out.outputs:
-        if req.echo_only:
-            c = dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [],
-                                    finish_reason="length")
-        lp = None
-        if k is not None and c.logprobs is not None:
-            lp = chat_logprobs(c.token_ids, c.logprobs, k, decode) if chat else \
-                completion_logprobs(c.token_ids, c.logprobs, k, decode)
-            if req.echo and not chat:
-                lp = echo_logprobs(out, lp, k, decode)
-        choice: dict[str, Any] = {"index": c.index}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = prefix + c.text
-        choice.update(logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        if out.prompt_logprobs is not None and req.params.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = [None if e is None else {   # vLLM's shape: token id -> logprob
-                str(t): {"logprob": _lp(v), "decoded_token": decode(t)} for t, v in e.items()}
-                for e in out.prompt_logprobs]
-        choices.append(choice)
-    n_in = len(out.prompt_token_ids)
-    n_out = 0 if req.echo_only else sum(len(c.token_ids) for c in out.outputs)
-    return {"id": body_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": choices,
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
-
-
-def ok_record(rec_id: str, custom_id: str, request_id: str, body: dict) -> dict:
-    return {"id": rec_id, "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
-
-
-def error_record(rec_id: str, custom_id: str | None, request_id: str, code: str, message: str,
-                 status_code: int = 400) -> dict:
-    """A failed line: the HTTP-style error in `response` (as the OpenAI API returns it) and the same code
-    and message in `error`, so that `record["error"] is None` alone tells success from failure."""
-    kind = "invalid_request_error" if status_code < 500 else "server_error"
-    return {"id": rec_id, "custom_id": custom_id,
-            "response": {"status_code": status_code, "request_id": request_id,
-                         "body": {"error": {"message": message, "type": kind, "param": None, "code": code}}},
-            "error": {"code": code, "message": message}}
-
-
-def dumps(record: dict) -> bytes:
-    """One output line: compact JSON, strict (no NaN), newline-terminated."""
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode()

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kiln.engine.pooling import PoolingParams
 from kiln.entrypoints import grpc_proto as G
 from kiln.proto import inference_pb2 as pb
 from kiln.serving import errors as E
@@ -132,6 +133,30 @@ class InferenceServicer:
             return pb.AbortResponse(found=self.core.abort(request.request_id))
         return await self._call("Abort", request, context, run)
 
+    async def Embed(self, request, context):
+        async def run(engine):
+            prompts = []
+            for i, x in enumerate(request.inputs):
+                kind = x.WhichOneof("input")
+                if kind is None:
+                    raise E.InvalidRequest(f"inputs[{i}] holds neither text nor token_ids", f"inputs[{i}]")
+                prompts.append(x.text if kind == "text" else list(x.token_ids.ids))
+            if not prompts:
+                raise E.InvalidRequest("inputs is empty: give at least one text or token_ids", "inputs")
+            pooling = PoolingParams(request.pooling if request.HasField("pooling") else "last",
+                                    request.normalize if request.HasField("normalize") else True)
+            try:
+                pooling.verify()
+            except ValueError as e:
+                raise E.InvalidRequest(str(e), "pooling") from None
+            async with asyncio.timeout(context.time_remaining()):
+                outs = await self.core.embed(prompts, pooling, request.request_id or None)
+            n = sum(len(o.prompt_token_ids) for o in outs)
+            return pb.EmbedResponse(embeddings=[pb.Embedding(values=o.outputs.embedding,
+                                                             prompt_tokens=len(o.prompt_token_ids)) for o in outs],
+                                    usage=pb.Usage(prompt_tokens=n))
+        return await self._call("Embed", request, context, run)
+
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose deserializer turns undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
         def h(kind, fn, req, resp):
@@ -144,6 +169,7 @@ class InferenceServicer:
             "Detokenize": h(uu, self.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
             "GetModelInfo": h(uu, self.GetModelInfo, pb.ModelInfoRequest, pb.ModelInfo),
             "Abort": h(uu, self.Abort, pb.AbortRequest, pb.AbortResponse),
+            "Embed": h(uu, self.Embed, pb.EmbedRequest, pb.EmbedResponse),
         })
 
 

@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.entrypoints import http_generate, http_info
+from kiln.entrypoints import http_embeddings, http_generate, http_info
 from kiln.entrypoints import openai_protocol as O
 from kiln.entrypoints.http_common import HttpContext
 from kiln.serving.core import ServingCore
@@ -32,6 +32,7 @@ from kiln.serving.options import ServeOptions
 ROUTERS: list[Callable[[HttpContext], APIRouter]] = [
     http_info.router,
     http_generate.router,
+    http_embeddings.router,
 ]
 
 

@@ -65,6 +65,11 @@ class InferenceStub:
                 request_serializer=kiln_dot_proto_dot_inference__pb2.AbortRequest.SerializeToString,
                 response_deserializer=kiln_dot_proto_dot_inference__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/kiln.v1.Inference/Embed',
+                request_serializer=kiln_dot_proto_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=kiln_dot_proto_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -114,6 +119,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """The pooled final hidden state of each input (last-token or mean pooling, L2-normalised by default), as
+        HTTP /v1/embeddings; an unset input or pooling kiln lacks: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=kiln_dot_proto_dot_inference__pb2.AbortRequest.FromString,
                     response_serializer=kiln_dot_proto_dot_inference__pb2.AbortResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=kiln_dot_proto_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=kiln_dot_proto_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Inference:
             '/kiln.v1.Inference/Abort',
             kiln_dot_proto_dot_inference__pb2.AbortRequest.SerializeToString,
             kiln_dot_proto_dot_inference__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Inference/Embed',
+            kiln_dot_proto_dot_inference__pb2.EmbedRequest.SerializeToString,
+            kiln_dot_proto_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from kiln.engine.pooling import PoolingParams
 from kiln.engine.sampling_params import SamplingParams
 from kiln.serving import prompts as P
 from kiln.serving.admission import Admission, Slots
@@ -47,10 +48,11 @@ def new_request_id(prefix: str = "kiln") -> str:
 
 
 class Request:
-    """One admitted request: P prompts (each an engine request) with the same SamplingParams."""
+    """One admitted request: P prompts (each an engine request) with the same SamplingParams (or PoolingParams:
+    embeddings, whose outputs are EmbeddingRequestOutputs)."""
 
     def __init__(self, core: "ServingCore", request_id: str, texts: list[str | None], ids: list[list[int]],
-                 params: SamplingParams, chat: bool, slots: Slots):
+                 params: SamplingParams | PoolingParams, chat: bool, slots: Slots):
         self.core, self.request_id, self.texts, self.ids = core, request_id, texts, ids
         self.params, self.chat, self._slots = params, chat, slots
         self.engine_ids = [request_id] if len(ids) == 1 else [f"{request_id}-{i}" for i in range(len(ids))]
@@ -68,7 +70,11 @@ class Request:
             async with contextlib.aclosing(self.core.engine.generate(self.ids[i], self.params,
                                                                      self.engine_ids[i])) as stream:
                 async for out in stream:
-                    observe(out)
+                    if isinstance(out, EmbeddingRequestOutput):
+                        if out.finished:
+                            self.core.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+                    else:
+                        observe(out)
                     yield out
             observe.finish()
         except EngineDeadError as e:
@@ -194,9 +200,10 @@ class ServingCore:
     def encode(self, prompt: P.Prompt) -> tuple[str | None, list[int]]:
         return P.encode(self.ready().tokenizer, prompt, self.opts.limits)
 
-    def submit(self, prompts: Sequence[P.Prompt], params: SamplingParams, request_id: str | None = None,
-               id_prefix: str = "kiln") -> Request:
-        """Check, encode and admit a request of one or more prompts; raises ServingError subclasses."""
+    def submit(self, prompts: Sequence[P.Prompt], params: SamplingParams | PoolingParams,
+               request_id: str | None = None, id_prefix: str = "kiln") -> Request:
+        """Check, encode and admit a request of one or more prompts; raises ServingError subclasses.
+        PoolingParams make it an embedding request (one slot per prompt)."""
         engine = self.ready()
         texts, ids, chat = [], [], False
         for p in prompts:
@@ -208,10 +215,17 @@ class ServingCore:
         rid = request_id or new_request_id(id_prefix)
         if rid in self.inflight:
             raise Conflict(f"request_id {rid!r} is already in use")
-        slots = self.admission.acquire(len(ids) * params.n)
+        slots = self.admission.acquire(len(ids) * getattr(params, "n", 1))
         req = Request(self, rid, texts, ids, params, chat, slots)
         self.inflight.add(rid, req.engine_ids)
         return req
+
+    async def embed(self, prompts: Sequence[P.Prompt], pooling: PoolingParams | None = None,
+                    request_id: str | None = None) -> list[EmbeddingRequestOutput]:
+        """The embedding of every prompt, in order (admitted as one request); raises ServingError subclasses."""
+        req = self.submit(prompts, pooling or PoolingParams(), request_id, id_prefix="embd")
+        finals = await req.finals()
+        return [finals[i] for i in range(len(prompts))]
 
     def abort(self, request_id: str) -> bool:
         """Stop a request of this server now (its streams end with finish_reason abort); False if unknown."""

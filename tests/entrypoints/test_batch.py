@@ -73,7 +73,7 @@ def test_completion_line_to_params():
     ("[1, 2]", "invalid_json", "not an object"),
     (json.dumps({"url": F.CHAT_URL, "body": {}}), "missing_custom_id", "custom_id"),
     (line("x", F.CHAT_URL, {"messages": []}, method="GET"), "invalid_method", "POST"),
-    (line("x", "/v1/embeddings", {"input": "a"}), "invalid_url", "/v1/embeddings"),
+    (line("x", "/v1/audio/speech", {"input": "a"}), "invalid_url", "/v1/audio/speech"),
     (line("x", F.CHAT_URL, None), "invalid_request", "body must be a JSON object"),
     (line("x", F.CHAT_URL, {"max_tokens": 3}), "invalid_request", "messages must be a non-empty list"),
     (line("x", F.CHAT_URL, {"messages": [{"content": "no role"}]}), "invalid_request", "role"),
@@ -413,7 +413,7 @@ def _mixed_job(n_total: int = 140, seed: int = 0, n_each_bad: int = 3):
             continue
         code = "invalid_url" if k == "url" else "invalid_request"
         if k == "url":
-            lines.append(line(cid, "/v1/embeddings", {"input": "x"}))
+            lines.append(line(cid, "/v1/audio/speech", {"input": "x"}))
         elif k == "params":
             bad = [{"temperature": -1}, {"top_p": 0}, {"n": 0}, {"logprobs": 50}, {"max_tokens": 0}][n_params % 5]
             n_params += 1

@@ -24,79 +24,26 @@ import numpy as np
 from kiln.backends import inputs as I
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.jax import model as M
+from kiln.backends.jax import steps as S
 from kiln.backends.jax.mesh import Placement
 from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
 from kiln.compile.graph_key import GraphKey
 from kiln.compile.guard import CompileGuard
 from kiln.compile.warmup import WarmupReport, build_graphs
 from kiln.config import EngineConfig
-from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.engine.scheduler_output import SchedulerOutput
-from kiln.kernels.sampling import SampleOutput, SamplingTensors, argmax, sample
+from kiln.kernels.sampling import SampleOutput
 from kiln.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-def _top_logprobs(logits, want_top):
-    """The top-MAX_LOGPROBS logprobs [B, K], only when some row asked (want_top: scalar bool)."""
-    B = logits.shape[0]
-    top_lp, top_ids = jax.lax.cond(
-        want_top, lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), MAX_LOGPROBS)),
-        lambda x: (jnp.zeros((B, MAX_LOGPROBS), jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32)), logits)
-    return top_ids.astype(jnp.int32), top_lp
-
-
-def _greedy_sample(logits, want_top):
-    """Plain greedy rows: the argmax, and logprobs when asked."""
-    tokens = argmax(logits)                                                # [B]
-    lp = jax.lax.cond(
-        want_top, lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1),
-        lambda x: jnp.zeros(x.shape[:1], jnp.float32), logits)             # [B]
-    return SampleOutput(tokens, lp, *_top_logprobs(logits, want_top))
-
-
-def _general_sample(logits, st: SamplingTensors, want_top):
-    """Every sampling parameter, per row (kernels/sampling.py)."""
-    out = sample(logits, st, num_logprobs=0, want_logprobs=want_top)     # [B] tokens and logprobs
-    top_ids, top_lp = _top_logprobs(logits, want_top)
-    return out._replace(top_ids=top_ids, top_logprobs=top_lp)            # [B, K]
-
-
-def _prefill_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-                  block_tables, prefix_lens, q_lens):
-    attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
-    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
-    last = jnp.take_along_axis(h, jnp.maximum(q_lens - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return k_cache, v_cache, M.lm_head(params, last)                      # logits [B, V]
-
-
-def _prefill_lp_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-                     block_tables, prefix_lens, q_lens, targets):
-    """A prefill that also scores the prompt: per position the logprob of targets [B, T] (the next prompt
-    token; -1: none) and the top-MAX_LOGPROBS, under the raw logits of every position ([B, T, V] in memory)."""
-    attend = M.attend_fn(block_tables, prefix_lens, q_lens, scale, decode=False)
-    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
-    logits = M.lm_head(params, h)                                         # [B, T, V]
-    lse = jax.nn.logsumexp(logits, axis=-1)                               # [B, T]
-    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0] - lse   # [B, T]
-    top_v, top_i = jax.lax.top_k(logits, MAX_LOGPROBS)                    # [B, T, K]
-    last = jnp.take_along_axis(logits, jnp.maximum(q_lens - 1, 0)[:, None, None], axis=1)[:, 0]   # [B, V]
-    return k_cache, v_cache, last, tgt, top_i.astype(jnp.int32), top_v - lse[..., None]
-
-
-def _decode_step(spec: ModelSpec, scale: float, params, k_cache, v_cache, tokens, positions, slots,
-                 block_tables, context_lens):
-    attend = M.attend_fn(block_tables, context_lens, jnp.ones_like(context_lens), scale, decode=True)
-    h, k_cache, v_cache = M.forward(spec, params, k_cache, v_cache, tokens, positions, slots, attend)
-    return k_cache, v_cache, M.lm_head(params, h[:, 0])                   # logits [B, V]
 
 
 class JaxRunner(ModelRunner):
     """Owns the weights, the paged KV cache and the compiled step executables of one device."""
 
     name = "jax"
-    compiled_kinds = ("prefill", "decode", "sample")               # the graph families warmup builds
+    compiled_kinds = ("prefill", "decode", "sample", "score")      # the graph families warmup builds
+                                                                   # (score: with --warmup-scoring only)
 
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         self._setup(spec, config, M.params_from_hf(spec, tensors, jnp.dtype(config.dtype)))
@@ -144,9 +91,10 @@ class JaxRunner(ModelRunner):
                 return logits, flag
             st = I.build_sampling_tensors([], [], [], [], [], [], B, self.history_len, self.spec.vocab_size)
             return logits, jax.tree.map(pl.abstract, st), flag
-        if key.kind == "prefill":
+        if key.kind in ("prefill", "score"):
             T, nbt = key.size, self.config.max_blocks_per_seq
             batch = (i32(B, T), i32(B, T), i32(B, T), i32(B, nbt), i32(B), i32(B))
+            batch += (i32(B, T), flag) if key.kind == "score" else ()      # prompt-logprob targets, wanted?
         else:
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
         spec_of = pl.abstract
@@ -164,12 +112,14 @@ class JaxRunner(ModelRunner):
 
     def lower(self, key: GraphKey):
         if key.kind == "sample":
-            return jax.jit(_general_sample if key.size else _greedy_sample,
+            return jax.jit(S.general_sample if key.size else S.greedy_sample,
                            **self.placement.out_shardings("sample")).lower(*self._abstract_args(key))
-        fn = _prefill_step if key.kind == "prefill" else _decode_step
+        fn = {"prefill": S.prefill_step, "decode": S.decode_step, "score": S.score_step}[key.kind]
         step = partial(fn, self.spec, self.spec.head_dim ** -0.5)
-        return jax.jit(step, donate_argnums=(1, 2),
-                       **self.placement.out_shardings(key.kind)).lower(*self._abstract_args(key))
+        pl = self.placement
+        outs = pl.out_shardings(key.kind) if key.kind != "score" or pl.mesh is None else \
+            {"out_shardings": (pl.kv, pl.kv) + (pl.replicated,) * 6}      # K, V, then six replicated outputs
+        return jax.jit(step, donate_argnums=(1, 2), **outs).lower(*self._abstract_args(key))
 
     def is_cached(self, key: GraphKey) -> bool:
         """Whether the graph cache holds `key` (nothing is loaded or compiled)."""
@@ -206,7 +156,7 @@ class JaxRunner(ModelRunner):
         if kind == "sample":
             b, s = batch, size
         else:
-            b, s = plan.prefill_bucket(batch, size) if kind == "prefill" else plan.decode_bucket(batch, size)
+            b, s = plan.decode_bucket(batch, size) if kind == "decode" else plan.prefill_bucket(batch, size)
         key = GraphKey(kind, b, s)
         if key not in self.executables and kind == "sample":
             self.load_or_compile(key)
@@ -218,46 +168,40 @@ class JaxRunner(ModelRunner):
                 self.load_or_compile(key)
         return key, self.executables[key]
 
-    # -- prompt logprobs ------------------------------------------------------------------------
+    # -- scoring: prompt logprobs and embeddings ---------------------------------------------------
+    scoring_warmed = False       # warmup built a score graph for every prefill graph (--warmup-scoring)
+
     def prompt_logprobs_unavailable(self) -> str | None:
-        if self.guard.armed and not self.guard.allow_lazy:
-            return ("the jax backend compiles its prompt-scoring graphs on first use, which this engine forbids "
-                    "after warmup; start it with --allow-lazy-compile")
+        if self.guard.armed and not self.guard.allow_lazy and not self.scoring_warmed:
+            return ("the jax backend scores prompts (prompt_logprobs, echo, embeddings) with graphs this engine "
+                    "did not build in warmup; start it with --warmup-scoring (or --allow-lazy-compile)")
         return None
 
-    def _prompt_lp_exe(self, key: GraphKey):
-        """The prompt-scoring prefill of a prefill bucket, compiled on first use (not in warmup's plan, nor
-        in the graph cache: only requests with prompt_logprobs run it)."""
-        exes = self.__dict__.setdefault("_lp_executables", {})
-        if key not in exes:
-            self.guard.check(f"prompt-logprobs {key}")
-            t0 = time.perf_counter()
-            step = partial(_prefill_lp_step, self.spec, self.spec.head_dim ** -0.5)
-            i32 = jax.ShapeDtypeStruct((key.batch, key.size), jnp.int32)
-            exes[key] = jax.jit(step, donate_argnums=(1, 2)).lower(*self._abstract_args(key), i32).compile()
-            self.compile_log.append((key, time.perf_counter() - t0))
-        return exes[key]
-
-    def _execute_prompt_lp(self, step: SchedulerOutput) -> StepResult:
+    def _execute_score(self, step: SchedulerOutput) -> StepResult:
+        """A prefill through the score graph of its bucket: the rows' prompt logprobs and pooled hidden states
+        beside the sampled tokens."""
         rows, bs = step.rows, self.config.cache.block_size
-        key, _ = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
+        key, exe = self._graph_for("score", len(rows), max(len(r.token_ids) for r in rows))
         x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,
                            table_width=self.config.max_blocks_per_seq)
         targets = I.prompt_targets(rows, batch=key.batch, seq_len=key.size)
+        want_lp = any(r.sampling_params.prompt_logprobs is not None for r in rows)
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
-        self.k_cache, self.v_cache, logits, tgt, top_i, top_lp = self._prompt_lp_exe(key)(
-            self.params, self.k_cache, self.v_cache, x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens,
-            targets)
+        args = self.placement.inputs((x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens, targets,
+                                      np.bool_(want_lp)))
+        self.k_cache, self.v_cache, logits, *scored = exe(self.params, self.k_cache, self.v_cache, *args)
         res = self._sample(rows, logits, key.batch)
-        tgt, top_i, top_lp = jax.device_get((tgt, top_i, top_lp))
-        res.prompt_logprobs = I.prompt_logprob_entries(rows, targets, tgt, top_i, top_lp)
+        tgt, top_i, top_lp, h_sum, h_last = jax.device_get(scored)
+        if want_lp:
+            res.prompt_logprobs = I.prompt_logprob_entries(rows, targets, tgt, top_i, top_lp)
+        res.hidden = I.pooled_hidden(rows, h_sum, h_last)
         return res
 
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> StepResult:
         rows, bs = step.rows, self.config.cache.block_size
-        if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in rows):
-            return self._execute_prompt_lp(step)
+        if step.kind == "prefill" and any(r.scores for r in rows):
+            return self._execute_score(step)
         if step.kind == "prefill":
             key, exe = self._graph_for("prefill", len(rows), max(len(r.token_ids) for r in rows))
             x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=key.size,

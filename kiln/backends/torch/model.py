@@ -195,10 +195,11 @@ def _step(spec: ModelSpec, w: Weights, block_size: int, pos: torch.Tensor, lens:
 @torch.inference_mode()
 def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
             tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
-            q_lens: np.ndarray) -> torch.Tensor:
+            q_lens: np.ndarray, all_positions: bool = False):
     """One step over rows of new tokens [B, T] (q_lens[b] of them real) at positions [B, T] writing slots
     [B, T], each row's context in the blocks of tables [B, NBt]. Returns logits [n, V] (float32) of the last
-    real token of the first n rows, the rows that are not padding."""
+    real token of the first n rows, the rows that are not padding; with all_positions, (those logits, the
+    final-normed hidden state [n, T, D] float32 of every position: prompt logprobs and embeddings)."""
     n = int((slots[:, 0] != 0).sum())
     tok = torch.from_numpy(tokens[:n]).long()                                     # [n, T]
     pos = torch.from_numpy(positions[:n]).long()                                  # [n, T]
@@ -214,9 +215,17 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     for ls, lw, kc, vc in zip(spec.layers, w.layers, k_cache, v_cache):
         delta = decoder_layer(ls, lw, st, x, delta, kc, vc, kern, spec, dt)
     x += delta
+    if all_positions:
+        h = _add_norm(kern, x, None, w.norm, eps, torch.float32).view(B, T, D)  # [n, T, D] float32
+        return head(spec, w, h[torch.arange(B), lens - 1].contiguous()), h
     x = x.view(B, T, D)[torch.arange(B), lens - 1].contiguous()                   # [n, D] last real token
     x = _add_norm(kern, x, None, w.norm, eps, torch.float32)                      # [n, D] float32
-    logits = w.head(x.to(dt)).float()                                             # [n, V]
+    return head(spec, w, x)
+
+
+def head(spec: ModelSpec, w: Weights, x: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden [N, D] float32 -> logits [N, V] float32 (top few rescored in float32, soft-capped)."""
+    logits = w.head(x.to(w.embed.dtype)).float()                                  # [N, V]
     if w.head32 is not None:
         _rescore_top(logits, x, w.head32)
     if spec.final_logit_softcap is not None:

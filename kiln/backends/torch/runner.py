@@ -4,6 +4,8 @@ on oneDNN/ATen CPU kernels and kiln's C++ kernels, and tokens sampled in torch (
     SchedulerOutput ──> backends/inputs.prepare_step over the real rows only (prefill rows padded to the
                         longest row of the step, decode rows one token each) ──> numpy arrays
                     ──> TM.forward (K/V written into the cache in place) ──> logits [n, V] float32
+                        (a prefill with prompt-logprob or embedding rows: also every position's final-normed
+                        hidden state ──> prompt logprobs through the head, pooled sums for StepResult.hidden)
                     ──> plain greedy rows without logprobs: argmax; else sampler.sample ──> StepResult
 
 There is no graph to compile: `warmup()` builds (first run on the machine) or loads the C++ kernels.
@@ -22,6 +24,7 @@ from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
 from kiln.compile.warmup import WarmupReport
 from kiln.config import EngineConfig
+from kiln.engine.sampling_params import MAX_LOGPROBS
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.models.spec import ModelSpec
 
@@ -62,9 +65,6 @@ class TorchRunner(ModelRunner):
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", NB, bs,
                  (self.k_cache.nbytes + self.v_cache.nbytes) / 2**30)
 
-    def prompt_logprobs_unavailable(self) -> str | None:
-        return "the torch backend computes the last position only; use --backend jax"
-
     @classmethod
     def kv_bytes_per_block(cls, *, spec: ModelSpec, block_size: int, kv_dtype: str) -> int:
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPES[kv_dtype].itemsize
@@ -84,10 +84,34 @@ class TorchRunner(ModelRunner):
         T = _round_up(max(len(r.token_ids) for r in rows), PREFILL_ALIGN) if step.kind == "prefill" else 1
         x = I.prepare_step(rows, block_size=self.config.cache.block_size, batch=len(rows), seq_len=T,
                            table_width=max(len(r.block_table) for r in rows))
-        logits = TM.forward(self.spec, self.params, self.k_cache, self.v_cache, self.config.cache.block_size,
-                            x.tokens, x.positions, x.slots, x.tables, x.lens)          # [n, V] float32
+        score = step.kind == "prefill" and any(r.scores for r in rows)    # prompt logprobs or embeddings
+        out = TM.forward(self.spec, self.params, self.k_cache, self.v_cache, self.config.cache.block_size,
+                         x.tokens, x.positions, x.slots, x.tables, x.lens, all_positions=score)
         self._stats.add_step(f"{step.kind}(batch={len(rows)}, seq_len={T})", step.num_tokens, x.computed_tokens)
-        return self._sample(rows, logits)
+        if not score:
+            return self._sample(rows, out)                                 # logits [n, V] float32
+        logits, h = out                                                    # h [n, T, D] final-normed, float32
+        res = self._sample(rows, logits)
+        with torch.inference_mode():
+            if any(r.sampling_params.prompt_logprobs is not None for r in rows):
+                res.prompt_logprobs = self._prompt_logprobs(rows, h)
+            real = (torch.arange(T)[None, :] < torch.from_numpy(x.lens)[:, None])[..., None]   # [n, T, 1]
+            h_last = h[torch.arange(len(rows)), torch.from_numpy(x.lens).long() - 1]            # [n, D]
+            res.hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
+        return res
+
+    def _prompt_logprobs(self, rows, h: torch.Tensor) -> list:
+        """StepResult.prompt_logprobs from every position's hidden state h [n, T, D] (rows that did not ask get
+        None; only the rows that asked are run through the head: [rows, T, V] float32 in memory)."""
+        n, T, D = h.shape
+        asked = [i for i, r in enumerate(rows) if r.sampling_params.prompt_logprobs is not None]
+        targets = I.prompt_targets(rows, batch=n, seq_len=T)                          # [n, T]
+        lp = torch.log_softmax(TM.head(self.spec, self.params, h[asked].reshape(-1, D)), -1).view(len(asked), T, -1)
+        tgt = torch.zeros(n, T)
+        top_lp, top_ids = torch.zeros(n, T, MAX_LOGPROBS), torch.zeros(n, T, MAX_LOGPROBS, dtype=torch.long)
+        tgt[asked] = lp.gather(-1, torch.from_numpy(targets[asked]).long().clamp(min=0)[..., None])[..., 0]
+        top_lp[asked], top_ids[asked] = lp.topk(MAX_LOGPROBS, -1)
+        return I.prompt_logprob_entries(rows, targets, tgt.numpy(), top_ids.numpy(), top_lp.numpy())
 
     def _sample(self, rows, logits: torch.Tensor) -> StepResult:
         want_lp = I.logprobs_wanted(rows)
