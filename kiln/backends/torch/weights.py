@@ -241,6 +241,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
+    elif blocks:   # float32: the head's exact blocks (a GGUF's token_embd / output), float32 activations
+        head.quant = recover(head32)
     w = Weights(embed, t(src.get("final_norm")) + plus, head, head32 if dtype != torch.float32 else None,
                 layers, ropes)
     if int4:
@@ -248,6 +250,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
                  w.num_int4, len(w.projections()))
     if blocks:
         fmts = w.quant_formats()
+        if head.quant is not None:
+            log.info("kept the head as its exact GGUF blocks (%s)", head.quant.fmt)
         log.info("kept %d of %d layer projections as their exact GGUF blocks (%s)", sum(fmts.values()),
                  len(w.projections()), ", ".join(f"{k}: {v}" for k, v in sorted(fmts.items())) or "none")
     log.info("resident weight bytes: %.1f MB (%s); a 1-token step reads %.1f MB", w.resident_bytes / 1e6,
