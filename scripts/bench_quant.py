@@ -6,6 +6,7 @@ default Q4_1 GGUF dequantised and quantised to each type (token_embd kept Q8_0, 
 under --dir (never in the repository). llama.cpp is the peers' llama-cpp-python ($PEERS/ref, shared/peers).
 
     .venv/bin/python scripts/bench_quant.py [--types Q8_0,Q5_0,Q4_0,Q4_1] [--dtype float32] [--kernels-only]
+                                            [--threads 1]   # tokens per CPU second too: robust on a busy machine
 
 Per file: kiln and llama.cpp tok/s and their ratio, the weight bytes a 1-token step reads (kiln: its layer copies
 and head; llama.cpp: every tensor of the file, the embedding as the tied head), resident weight bytes, and the
@@ -63,28 +64,55 @@ def file_weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
+LLAMA_CPP_W2 = """
+import sys, time
+from llama_cpp import Llama
+path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+ids = llm.tokenize(prompt.encode(), add_bos=False)
+def run(k):
+    out = []
+    for t in llm.generate(ids, temp=0.0, reset=True):
+        out.append(t)
+        if len(out) >= k:
+            return out
+run(4)
+t0, c0 = time.perf_counter(), time.thread_time()
+out = run(n)
+print("RESULT", len(out) / (time.perf_counter() - t0), len(out) / (time.thread_time() - c0), flush=True)
+"""
+
+
+def clock() -> tuple[float, float]:
+    """(wall, this thread's CPU seconds): with one thread, tokens per CPU second do not count the time slices
+    other processes of a shared machine take."""
+    return time.perf_counter(), time.thread_time()
+
+
 def kiln_w2(path: Path, dtype: str, out_len: int) -> dict:
     from kiln import LLM, SamplingParams
     llm = LLM(model=str(path), backend="torch", dtype=dtype, max_num_seqs=1, max_model_len=512)
     tok = llm.tokenizer.encode(PROMPT)
     sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     llm.generate([tok], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    t0 = time.perf_counter()
+    t0, c0 = clock()
     out = llm.generate([tok], sp)[0].outputs[0].token_ids
-    dt = time.perf_counter() - t0
+    t1, c1 = clock()
     w = llm.engine.runner.params
-    return {"tok_per_s": round(len(out) / dt, 1), "bytes_per_token": w.bytes_read(1),
+    return {"tok_per_s": round(len(out) / (t1 - t0), 1), "tok_per_cpu_s": round(len(out) / (c1 - c0), 1),
+            "bytes_per_token": w.bytes_read(1),
             "resident_bytes": w.resident_bytes, "formats": w.quant_formats(), "int4": w.num_int4,
             "text": llm.tokenizer.decode(out[:24])}
 
 
-def llamacpp_w2(path: Path, out_len: int, peers: Path) -> dict | None:
+def llamacpp_w2(path: Path, out_len: int, peers: Path, threads: int) -> dict | None:
     py = peers / "ref" / "bin" / "python"
-    r = subprocess.run([str(py), str(PEERS_SRC / "llamacpp_offline.py"), "--model", str(path), "-n", "1",
-                        "--out-len", str(out_len)], capture_output=True, text=True)
+    r = subprocess.run([str(py), "-c", LLAMA_CPP_W2, str(path), str(out_len), str(threads), PROMPT],
+                       capture_output=True, text=True)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
-            return {"tok_per_s": json.loads(line[7:])["single_stream_tok_per_s"]}
+            wall, cpu = map(float, line.split()[1:])
+            return {"tok_per_s": round(wall, 1), "tok_per_cpu_s": round(cpu, 1)}
     print(f"[bench_quant] llama.cpp failed on {path.name}:\n{r.stderr[-1500:]}", file=sys.stderr)
     return None
 
@@ -132,9 +160,14 @@ def main() -> None:
     ap.add_argument("--peers", default=os.environ.get("PEERS", "~/.cache/kiln-peers"))
     ap.add_argument("--bw", type=float, default=52.0, help="memory read bandwidth, GB/s")
     ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument("--skip", default="", help="kiln or llamacpp: leave that engine out of this run")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0, help="kiln's torch threads and llama.cpp's (0: all)")
     a = ap.parse_args()
+    threads = a.threads or os.cpu_count()
+    import torch
+    torch.set_num_threads(threads)
     if not a.no_kernels:
         kernel_table(a.reps)
     if a.kernels_only:
@@ -144,12 +177,18 @@ def main() -> None:
     peers = Path(a.peers).expanduser()
     for qtype in a.types.split(","):
         path = DEFAULT if qtype == "Q4_1" else make_gguf(DEFAULT, d / f"SmolLM2-135M-Instruct.{qtype}.gguf", qtype)
-        k = kiln_w2(path, a.dtype, a.out_len)
-        ll = llamacpp_w2(path, a.out_len, peers)
+        k = kiln_w2(path, a.dtype, a.out_len) if a.skip != "kiln" else None
+        ll = llamacpp_w2(path, a.out_len, peers, threads) if a.skip != "llamacpp" else None
+        if k is None:
+            print("RESULT " + json.dumps({"file": path.name, "llamacpp": ll, "threads": threads,
+                                          "llamacpp_MB_per_token": round(file_weight_bytes(path) / 1e6, 1)}))
+            continue
         fb = file_weight_bytes(path)
         row = {"file": path.name, "kiln_tok_per_s": k["tok_per_s"],
                "llamacpp_tok_per_s": ll and ll["tok_per_s"],
-               "ratio": ll and round(k["tok_per_s"] / ll["tok_per_s"], 2),
+               "ratio": ll and round(k["tok_per_s"] / ll["tok_per_s"], 2), "threads": threads,
+               "kiln_tok_per_cpu_s": k["tok_per_cpu_s"], "llamacpp_tok_per_cpu_s": ll and ll["tok_per_cpu_s"],
+               "cpu_ratio": ll and round(k["tok_per_cpu_s"] / ll["tok_per_cpu_s"], 2),
                "kiln_MB_per_token": round(k["bytes_per_token"] / 1e6, 1), "llamacpp_MB_per_token": round(fb / 1e6, 1),
                "kiln_resident_MB": round(k["resident_bytes"] / 1e6, 1),
                "kiln_of_bound": round(k["tok_per_s"] * k["bytes_per_token"] / (a.bw * 1e9), 2),

@@ -115,14 +115,15 @@ inline float hsum(__m256 v) {
 #endif
 
 // y[m0 + t, n] for t < mt, one weight row n (row: its codes, qh, d, mn; mn null: m = -off d).
-template <int FMT>
-void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
-             const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, int mt, float* out) {
+// mt (<= MT) is a template argument: the per-row accumulators then live in registers.
+template <int FMT, int mt>
+void row_dot_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+               const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, float* out) {
   const int64_t nb = K / QK;
-  float macc[MT] = {0.f, 0.f, 0.f, 0.f};
+  float macc[mt] = {};
 #if defined(__AVX2__)
-  __m256 acc0[MT], acc1[MT];
-  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+  __m256 acc0[mt], acc1[mt];
+  for (int t = 0; t < mt; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
   auto block = [&](int64_t b, __m256* acc) {
     __m256i u = codes_avx2<FMT>(row, qh, b);
     const float dw = h2f(d + b);
@@ -141,7 +142,7 @@ void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at:
   if (b < nb) block(b, acc0);
   for (int t = 0; t < mt; ++t) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + macc[t];
 #else
-  float acc[MT] = {0.f, 0.f, 0.f, 0.f};
+  float acc[mt] = {};
   int32_t u[QK];
   for (int64_t b = 0; b < nb; ++b) {
     codes_scalar<FMT>(row, qh, b, u);
@@ -159,14 +160,14 @@ void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at:
 }
 
 // As row_dot, float32 activations x [M, K] with per-block sums xs [M, K/32].
-template <int FMT>
-void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
-                 const float* x, const float* xs, int64_t K, int64_t m0, int mt, float* out) {
+template <int FMT, int mt>
+void row_dot_f32_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+                   const float* x, const float* xs, int64_t K, int64_t m0, float* out) {
   const int64_t nb = K / QK;
-  float macc[MT] = {0.f, 0.f, 0.f, 0.f};
+  float macc[mt] = {};
 #if defined(__AVX2__)
-  __m256 acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  __m256 acc[mt];
+  for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i u = codes_avx2<FMT>(row, qh, b);
     const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
@@ -188,7 +189,7 @@ void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const
   }
   for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]) + macc[t];
 #else
-  float acc[MT] = {0.f, 0.f, 0.f, 0.f};
+  float acc[mt] = {};
   int32_t u[QK];
   for (int64_t b = 0; b < nb; ++b) {
     codes_scalar<FMT>(row, qh, b, u);
@@ -203,6 +204,28 @@ void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const
   }
   for (int t = 0; t < mt; ++t) out[t] = acc[t] + macc[t];
 #endif
+}
+
+template <int FMT>
+void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+             const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, int mt, float* out) {
+  switch (mt) {
+    case 1: return row_dot_t<FMT, 1>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    case 2: return row_dot_t<FMT, 2>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    case 3: return row_dot_t<FMT, 3>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    default: return row_dot_t<FMT, 4>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+  }
+}
+
+template <int FMT>
+void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+                 const float* x, const float* xs, int64_t K, int64_t m0, int mt, float* out) {
+  switch (mt) {
+    case 1: return row_dot_f32_t<FMT, 1>(row, qh, d, mn, off, x, xs, K, m0, out);
+    case 2: return row_dot_f32_t<FMT, 2>(row, qh, d, mn, off, x, xs, K, m0, out);
+    case 3: return row_dot_f32_t<FMT, 3>(row, qh, d, mn, off, x, xs, K, m0, out);
+    default: return row_dot_f32_t<FMT, 4>(row, qh, d, mn, off, x, xs, K, m0, out);
+  }
 }
 
 template <int FMT, bool I8>
