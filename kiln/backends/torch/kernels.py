@@ -3,8 +3,8 @@
 They are compiled for the host CPU (-march=native) with PyTorch's extension builder, into
 $KILN_CACHE_DIR/kernels/<hash of source, torch install and CPU flags>, so a second process loads the built
 library in milliseconds. The source is compiled from a copy in that folder: checkouts of the same source at
-other paths share the build instead of rebuilding it for each other. Where no compiler is available the model falls back to its torch-ops path (slower,
-same results), with a warning.
+other paths share the build instead of rebuilding it for each other. Where no compiler is available the model
+falls back to its torch-ops path (slower, same results), with a warning.
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from kiln.config import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
 HEAD_DIMS = (16, 24, 32, 64, 128)   # the head_dim and block_size instances csrc/ builds
 BLOCK_SIZES = (16,)
 STALE_LOCK_S = 300                      # a build takes ~25 s; an older lock is an interrupted one
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]   # no infinities in the kernel
+QUANT_CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # IEEE rounding: the activation codes are reproducible
 
 
 def decode_kernel(head_dim: int, block_size: int):
@@ -37,30 +39,39 @@ def decode_kernel(head_dim: int, block_size: int):
 @functools.cache
 def load():
     """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built."""
+    return _build("kiln_cpu_kernels", SOURCE, CFLAGS)
+
+
+@functools.cache
+def load_quant():
+    """The GGUF-block matmul module (csrc/quant.cpp: `quant_matmul`, `quantize_rows`), or None."""
+    return _build("kiln_quant_kernels", QUANT_SOURCE, QUANT_CFLAGS)
+
+
+def _build(name: str, source: Path, cflags: list[str]):
     from torch.utils import cpp_extension
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
-                         + " ".join(CFLAGS).encode()
-                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    build = cache_dir() / "kernels" / f"cpu-{key}"
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
+                         + " ".join(cflags).encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    build = cache_dir() / "kernels" / f"{'cpu' if name == 'kiln_cpu_kernels' else name}-{key}"
     build.mkdir(parents=True, exist_ok=True)
     lock = build / "lock"                    # torch's builder waits while this exists: a killed build leaves it
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         log.warning("removing a stale kernel-build lock (%s) left by an interrupted build", lock)
         lock.unlink(missing_ok=True)
-    if not (build / "kiln_cpu_kernels.so").exists():
-        log.info("building kiln's CPU kernels for this machine (once, ~25 s) into %s", build)
-    source = build / SOURCE.name             # compiled from a copy: the build then names no checkout's path, so
-    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():   # checkouts of one source share it
-        tmp = build / f".{SOURCE.name}.{os.getpid()}"
-        tmp.write_bytes(SOURCE.read_bytes())
-        os.replace(tmp, source)
+    if not (build / f"{name}.so").exists():
+        log.info("building kiln's CPU kernels %s for this machine (once, ~25 s) into %s", source.name, build)
+    copy = build / source.name               # compiled from a copy: the build then names no checkout's path, so
+    if not copy.exists() or copy.read_bytes() != source.read_bytes():   # checkouts of one source share it
+        tmp = build / f".{source.name}.{os.getpid()}"
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, copy)
     t0 = time.perf_counter()
     try:
-        mod = cpp_extension.load(name="kiln_cpu_kernels", sources=[str(source)], extra_cflags=CFLAGS,
+        mod = cpp_extension.load(name=name, sources=[str(copy)], extra_cflags=cflags,
                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:   # no compiler, no headers, no ninja: the torch-ops path serves instead
-        log.warning("could not build kiln's CPU kernels (%s); using the slower torch-ops path",
+        log.warning("could not build kiln's CPU kernels %s (%s); using the slower torch-ops path", source.name,
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    log.info("CPU kernels loaded in %.1fs (%s)", time.perf_counter() - t0, build)
+    log.info("CPU kernels %s loaded in %.1fs (%s)", source.name, time.perf_counter() - t0, build)
     return mod

@@ -7,6 +7,10 @@ format of ATen's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`). At batch 1 tha
 bf16; from ~8 tokens on, the bf16 matmul (oneDNN) is faster, so both copies are kept and each step picks by its
 token count. The head gets an int8 copy (per-row scales, approximate) for the same small steps: the model
 re-scores every row's top logits in float32 from the exact head weights.
+
+Every other legacy GGUF block format (Q4_0, Q5_0, Q5_1, Q8_0; Q4_1 too when the int4 copy is not kept, as in
+float32) is recovered exactly from the dequantised values as its GGUF blocks (quant.py) and multiplied by
+kiln's own kernel (csrc/quant.cpp) in steps of fewer than QUANT_M tokens.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kiln.backends.torch.quant import QuantWeight, recover
 from kiln.models.spec import ModelSpec, MoeSpec
 from kiln.models.tensors import source_tensors
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 GROUP = 32             # int4 group size along the input dimension (= the GGUF block size)
 PACK_BATCH = 64        # the batch size oneDNN's packed weight layout is tuned for (it serves any batch)
 SMALL_M = 8            # steps with fewer tokens than this use the int4/int8 copies (measured crossover, BENCHMARKS.md)
+QUANT_M = 8            # ... and the GGUF-block copies (scripts/bench_quant.py --kernels measures the crossover)
 
 
 def lossless_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -62,16 +68,20 @@ class Linear:
     int4: tuple[torch.Tensor, torch.Tensor] | None = None # lossless_int4's result, when kept
     packed: bool = False
     int8: tuple[torch.Tensor, torch.Tensor] | None = None # int8 [out, in] + bf16 row scales (the head only)
+    quant: QuantWeight | None = None                      # the exact GGUF blocks of the weight, when kept
 
     @classmethod
-    def of(cls, w: torch.Tensor, bias: torch.Tensor | None = None, int4=None) -> "Linear":
+    def of(cls, w: torch.Tensor, bias: torch.Tensor | None = None, int4=None, quant=None) -> "Linear":
         p = pack(w)
-        return cls(w if p is None else p, bias, int4, p is not None)
+        return cls(w if p is None else p, bias, int4, p is not None, quant=quant)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] -> [M, out]."""
         if x.shape[0] < SMALL_M and self.int4 is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4[0], GROUP, self.int4[1])
+            return y if self.bias is None else y + self.bias
+        if x.shape[0] < QUANT_M and self.quant is not None:
+            y = self.quant(x)
             return y if self.bias is None else y + self.bias
         if x.shape[0] < SMALL_M and self.int8 is not None:
             y = torch.ops.aten._weight_int8pack_mm(x, *self.int8)
@@ -84,7 +94,15 @@ class Linear:
         """Weight bytes one call with m input rows reads."""
         if m < SMALL_M and (self.int4 or self.int8):
             return sum(t.nbytes for t in (self.int4 or self.int8))
+        if m < QUANT_M and self.quant is not None:
+            return self.quant.nbytes
         return self.weight.nbytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this projection holds in memory, every copy counted."""
+        ts = [self.weight, self.bias, *(self.int4 or ()), *(self.int8 or ())]
+        return sum(t.nbytes for t in ts if t is not None) + (self.quant.nbytes if self.quant else 0)
 
 
 @dataclasses.dataclass
@@ -133,6 +151,26 @@ class Weights:
     def num_int4(self) -> int:
         return sum(lin.int4 is not None for lin in self.projections())
 
+    def quant_formats(self) -> dict[str, int]:
+        """GGUF block format -> how many layer projections are kept in it."""
+        out: dict[str, int] = {}
+        for lin in self.projections():
+            if lin.quant is not None:
+                out[lin.quant.fmt] = out.get(lin.quant.fmt, 0) + 1
+        return out
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weight bytes held in memory: every projection's copies, the embedding, head, norms, rope tables."""
+        lins = self.projections() + [self.head] if self.head.weight is not self.embed else self.projections()
+        n = sum(lin.resident_bytes for lin in lins) + self.embed.nbytes
+        if self.head.weight is self.embed:                  # tied: the head's extra copies only
+            n += sum(t.nbytes for t in (self.head.int8 or ()))
+        n += self.head32.nbytes if self.head32 is not None else 0
+        small = [self.norm] + [t for l in self.layers for t in (l.attn_norm, l.mlp_norm, l.router, l.q_norm,
+                                                                   l.k_norm, l.post_attn_norm, l.post_mlp_norm)]
+        return n + sum(t.nbytes for t in small if t is not None)
+
 
 # ModelSpec.features() this backend runs (biases, RoPE scaling and sliding windows always do)
 IMPLEMENTED: frozenset[str] = frozenset({
@@ -156,8 +194,12 @@ def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[list[tuple[torch.Tensor,
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
                  max_pos: int) -> Weights:
     """HF-named float32 tensors -> Weights, one Layer per LayerSpec (kiln's layout, models/layout.py: fused
-    qkv and gate_up, biases where the spec has them); `int4` keeps lossless 4-bit copies of the projections."""
+    qkv and gate_up, biases where the spec has them); `int4` keeps quantised copies where they are exact:
+    lossless 4-bit copies (bf16), else the GGUF blocks of a projection's weight (quant.py)."""
     spec.check_supported("torch", IMPLEMENTED)
+    from kiln.backends.torch import kernels
+    blocks = int4 and kernels.load_quant() is not None      # the GGUF-block kernel is built for this CPU
+    int4 = int4 and dtype == torch.bfloat16                 # ATen's int4 kernel and the int8 head: bf16 only
     src = source_tensors(spec, tensors)
     # memory-mapped safetensors are read-only; every tensor made here is copied (cast, packed) or only read
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -166,7 +208,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     def linear(i: int, name: str, bias: bool, w: torch.Tensor | None = None) -> Linear:
         w = t(src.layer(i, name)) if w is None else w                      # [out, in] float32
         b = t(src.layer(i, name + "_bias")).to(dtype) if bias else None
-        return Linear.of(w.to(dtype).contiguous(), b, lossless_int4(w) if int4 else None)
+        i4 = lossless_int4(w) if int4 else None
+        return Linear.of(w.to(dtype).contiguous(), b, i4, recover(w) if blocks and i4 is None else None)
 
     def moe(i: int, mlp: MoeSpec) -> dict:
         E = mlp.num_experts
@@ -198,9 +241,19 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
     if int4:   # an approximate head at small batches: the top candidates are re-scored exactly anyway
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
+    elif blocks:   # float32: the head's exact blocks (a GGUF's token_embd / output), float32 activations
+        head.quant = recover(head32)
     w = Weights(embed, t(src.get("final_norm")) + plus, head, head32 if dtype != torch.float32 else None,
                 layers, ropes)
     if int4:
         log.info("kept %d of %d layer projections 4-bit (lossless re-quantisation of the source weights)",
                  w.num_int4, len(w.projections()))
+    if blocks:
+        fmts = w.quant_formats()
+        if head.quant is not None:
+            log.info("kept the head as its exact GGUF blocks (%s)", head.quant.fmt)
+        log.info("kept %d of %d layer projections as their exact GGUF blocks (%s)", sum(fmts.values()),
+                 len(w.projections()), ", ".join(f"{k}: {v}" for k, v in sorted(fmts.items())) or "none")
+    log.info("resident weight bytes: %.1f MB (%s); a 1-token step reads %.1f MB", w.resident_bytes / 1e6,
+             dtype, w.bytes_read(1) / 1e6)
     return w

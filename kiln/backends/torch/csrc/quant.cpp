@@ -1,0 +1,321 @@
+// kiln's GGUF-block matmul for the torch backend (built by kiln/backends/torch/kernels.py, load_quant).
+//
+// Weights stay in the blocks of llama.cpp's formats (backends/torch/quant.py recovers them exactly from the
+// dequantised values): per output row n and per block b of 32 inputs,
+//
+//   w[n, 32 b + j] = d[n, b] * u_j + m[n, b]      u_j the block's integer codes
+//
+//   fmt 8 (Q8_0)        codes int8  [N, K]      u_j in [-127, 127]                      m = 0
+//   fmt 4 (Q4_0, Q4_1)  codes uint8 [N, K/2]    byte j = u_j | u_(j+16) << 4, u in [0, 16)  m = -8 d (Q4_0)
+//   fmt 5 (Q5_0, Q5_1)  codes as fmt 4, plus qh int32 [N, K/32], bit j = bit 4 of u_j     m = -16 d (Q5_0)
+//   d, m                float16 [N, K/32]       (m absent: -off * d)
+//
+// The method is llama.cpp's: each activation row x [K] is rounded per block of 32 to int8 codes a with one
+// float32 scale s (s = amax / 127, a = round-half-even(x / s)), so that a block's contribution is
+//   d s sum_j u_j a_j + m s sum_j a_j
+// with the integer sum exact in int32. AVX2 computes it with maddubs (u8 x s8 -> s16 pairs) + madd; AVX-512
+// VNNI / AVX-VNNI with one dpbusd; a portable scalar loop elsewhere. The instruction set is fixed when the
+// module is built for the host CPU (-march=native, kernels.py), which is the CPU-feature dispatch. Output rows
+// are shared among threads (at::parallel_for); each thread serves all activation rows, MT at a time, so a
+// weight block is loaded once per MT rows.
+//
+// The second method (int8_act false) keeps the activations float32 and converts each weight block's codes to
+// float32 in registers: d sum_j u_j x_j + m sum_j x_j, the weights exactly gguf's, float32 rounding only
+// (the float32 model's numerics; the int8 method is ~2x less work per weight).
+//
+//   quantize_rows(x [M, K] float32) -> (a int8 [M, K], s float32 [M, K/32], sa float32 [M, K/32] = s * sum a)
+//   quant_matmul(x [M, K] float32, codes, qh, d, m, fmt, off, int8_act) -> y [M, N] float32
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int QK = 32;
+constexpr int MT = 4;   // activation rows served per pass over a weight row
+
+void quantize_rows_impl(const float* x, int64_t M, int64_t K, int8_t* a, float* s, float* sa) {
+  const int64_t nb = K / QK;
+  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xb = x + i * QK;        // rows are contiguous, so block i of the flat [M * nb] blocks
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f;
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < QK; ++j) {
+        const int q = static_cast<int>(std::nearbyint(xb[j] * id));   // round half to even (default mode)
+        a[i * QK + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      s[i] = d;
+      sa[i] = d * static_cast<float>(sum);
+    }
+  });
+}
+
+inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
+
+// The 32 codes of block b of a weight row, as 32 bytes (fmt 4/5: unsigned; fmt 8: signed).
+template <int FMT>
+inline void codes_scalar(const uint8_t* row, const int32_t* qh, int64_t b, int32_t* u) {
+  if (FMT == 8) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(row) + b * QK;
+    for (int j = 0; j < QK; ++j) u[j] = c[j];
+    return;
+  }
+  const uint8_t* c = row + b * (QK / 2);
+  const uint32_t h = FMT == 5 ? static_cast<uint32_t>(qh[b]) : 0u;
+  for (int j = 0; j < QK / 2; ++j) {
+    u[j] = (c[j] & 0xF) | (FMT == 5 ? ((h >> j) & 1u) << 4 : 0);
+    u[j + 16] = (c[j] >> 4) | (FMT == 5 ? ((h >> (j + 16)) & 1u) << 4 : 0);
+  }
+}
+
+#if defined(__AVX2__)
+template <int FMT>
+inline __m256i codes_avx2(const uint8_t* row, const int32_t* qh, int64_t b) {
+  if (FMT == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * QK));
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (QK / 2)));
+  __m256i u = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1),
+                               _mm256_set1_epi8(0x0F));   // bytes 0..15: low nibbles, 16..31: high nibbles
+  if (FMT == 5) {                                           // byte j |= 0x10 where bit j of qh is set
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32(qh[b]), shuf);
+    bits = _mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    bits = _mm256_cmpeq_epi8(bits, _mm256_set1_epi64x(-1));
+    u = _mm256_or_si256(u, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+  }
+  return u;
+}
+
+// 8 int32 partial sums of u_j * a_j; u unsigned bytes (the sign of a signed u is moved onto a first).
+inline __m256i dot_u8s8(__m256i u, __m256i a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+// y[m0 + t, n] for t < mt, one weight row n (row: its codes, qh, d, mn; mn null: m = -off d).
+// mt (<= MT) is a template argument: the per-row accumulators then live in registers.
+template <int FMT, int mt>
+void row_dot_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+               const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, float* out) {
+  const int64_t nb = K / QK;
+  float macc[mt] = {};
+#if defined(__AVX2__)
+  __m256 acc0[mt], acc1[mt];
+  for (int t = 0; t < mt; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, __m256* acc) {
+    __m256i u = codes_avx2<FMT>(row, qh, b);
+    const float dw = h2f(d + b);
+    __m256i sgn = u;
+    if (FMT == 8) u = _mm256_sign_epi8(u, u);                   // |u|; a takes u's sign below
+    for (int t = 0; t < mt; ++t) {
+      const int64_t r = (m0 + t) * nb + b;
+      __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * QK));
+      if (FMT == 8) av = _mm256_sign_epi8(av, sgn);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, av)), _mm256_set1_ps(dw * s[r]), acc[t]);
+      if (FMT != 8) macc[t] += (mn ? h2f(mn + b) : -off * dw) * sa[r];
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) { block(b, acc0); block(b + 1, acc1); }   // two chains: fmadd latency hidden
+  if (b < nb) block(b, acc0);
+  for (int t = 0; t < mt; ++t) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + macc[t];
+#else
+  float acc[mt] = {};
+  int32_t u[QK];
+  for (int64_t b = 0; b < nb; ++b) {
+    codes_scalar<FMT>(row, qh, b, u);
+    const float dw = h2f(d + b);
+    for (int t = 0; t < mt; ++t) {
+      const int64_t r = (m0 + t) * nb + b;
+      int32_t isum = 0;
+      for (int j = 0; j < QK; ++j) isum += u[j] * a[r * QK + j];
+      acc[t] += dw * s[r] * static_cast<float>(isum);
+      if (FMT != 8) macc[t] += (mn ? h2f(mn + b) : -off * dw) * sa[r];
+    }
+  }
+  for (int t = 0; t < mt; ++t) out[t] = acc[t] + macc[t];
+#endif
+}
+
+// As row_dot, float32 activations x [M, K] with per-block sums xs [M, K/32].
+template <int FMT, int mt>
+void row_dot_f32_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+                   const float* x, const float* xs, int64_t K, int64_t m0, float* out) {
+  const int64_t nb = K / QK;
+  float macc[mt] = {};
+#if defined(__AVX2__)
+  __m256 acc[mt];
+  for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i u = codes_avx2<FMT>(row, qh, b);
+    const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    const float dw = h2f(d + b);
+    const __m256 dv = _mm256_set1_ps(dw);
+    for (int t = 0; t < mt; ++t) {
+      const float* xb = x + (m0 + t) * K + b * QK;
+      __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+      p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
+      p = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p);
+      p = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p);
+      acc[t] = _mm256_fmadd_ps(p, dv, acc[t]);
+      if (FMT != 8) macc[t] += (mn ? h2f(mn + b) : -off * dw) * xs[(m0 + t) * nb + b];
+    }
+  }
+  for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]) + macc[t];
+#else
+  float acc[mt] = {};
+  int32_t u[QK];
+  for (int64_t b = 0; b < nb; ++b) {
+    codes_scalar<FMT>(row, qh, b, u);
+    const float dw = h2f(d + b);
+    for (int t = 0; t < mt; ++t) {
+      const float* xb = x + (m0 + t) * K + b * QK;
+      float p = 0.f;
+      for (int j = 0; j < QK; ++j) p += static_cast<float>(u[j]) * xb[j];
+      acc[t] += dw * p;
+      if (FMT != 8) macc[t] += (mn ? h2f(mn + b) : -off * dw) * xs[(m0 + t) * nb + b];
+    }
+  }
+  for (int t = 0; t < mt; ++t) out[t] = acc[t] + macc[t];
+#endif
+}
+
+template <int FMT>
+void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+             const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, int mt, float* out) {
+  switch (mt) {
+    case 1: return row_dot_t<FMT, 1>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    case 2: return row_dot_t<FMT, 2>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    case 3: return row_dot_t<FMT, 3>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+    default: return row_dot_t<FMT, 4>(row, qh, d, mn, off, a, s, sa, K, m0, out);
+  }
+}
+
+template <int FMT>
+void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+                 const float* x, const float* xs, int64_t K, int64_t m0, int mt, float* out) {
+  switch (mt) {
+    case 1: return row_dot_f32_t<FMT, 1>(row, qh, d, mn, off, x, xs, K, m0, out);
+    case 2: return row_dot_f32_t<FMT, 2>(row, qh, d, mn, off, x, xs, K, m0, out);
+    case 3: return row_dot_f32_t<FMT, 3>(row, qh, d, mn, off, x, xs, K, m0, out);
+    default: return row_dot_f32_t<FMT, 4>(row, qh, d, mn, off, x, xs, K, m0, out);
+  }
+}
+
+template <int FMT, bool I8>
+void matmul_impl(const int8_t* a, const float* s, const float* sa, const float* x, int64_t M, int64_t K,
+                 const uint8_t* codes, const int32_t* qh, const at::Half* d, const at::Half* mn, float off, int64_t N,
+                 float* y) {
+  const int64_t nb = K / QK, row_bytes = FMT == 8 ? K : K / 2;
+  const int64_t grain = std::max<int64_t>(1, N / (4 * at::get_num_threads()));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    float out[MT];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+        const uint8_t* row = codes + n * row_bytes;
+        const int32_t* h = qh ? qh + n * nb : nullptr;
+        const at::Half* mr = mn ? mn + n * nb : nullptr;
+        if (I8) row_dot<FMT>(row, h, d + n * nb, mr, off, a, s, sa, K, m0, mt, out);
+        else row_dot_f32<FMT>(row, h, d + n * nb, mr, off, x, sa, K, m0, mt, out);
+        for (int t = 0; t < mt; ++t) y[(m0 + t) * N + n] = out[t];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) % QK == 0,
+              "x: [M, K] float32 contiguous, K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto a = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, K / QK}, x.options());
+  auto sa = torch::empty({M, K / QK}, x.options());
+  quantize_rows_impl(x.data_ptr<float>(), M, K, a.data_ptr<int8_t>(), s.data_ptr<float>(), sa.data_ptr<float>());
+  return {a, s, sa};
+}
+
+torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor codes, c10::optional<torch::Tensor> qh, torch::Tensor d,
+                           c10::optional<torch::Tensor> m, int64_t fmt, double off, bool int8_act) {
+  TORCH_CHECK(fmt == 4 || fmt == 5 || fmt == 8, "fmt: 4, 5 or 8");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) % QK == 0,
+              "x: [M, K] float32 contiguous, K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), nb = K / QK;
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.size(1) == (fmt == 8 ? K : K / 2) &&
+              codes.scalar_type() == (fmt == 8 ? torch::kInt8 : torch::kUInt8),
+              "codes: int8 [N, K] (fmt 8) or uint8 [N, K/2]");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == N &&
+              d.size(1) == nb, "d: float16 [N, K/32]");
+  if (m.has_value())
+    TORCH_CHECK(m->scalar_type() == torch::kHalf && m->is_contiguous() && m->sizes() == d.sizes(),
+                "m: float16 [N, K/32]");
+  TORCH_CHECK((fmt == 5) == qh.has_value(), "qh is given exactly for fmt 5");
+  if (qh.has_value())
+    TORCH_CHECK(qh->scalar_type() == torch::kInt32 && qh->is_contiguous() && qh->sizes() == d.sizes(),
+                "qh: int32 [N, K/32]");
+  std::vector<torch::Tensor> q;
+  if (int8_act) q = quantize_rows(x);
+  else q = {torch::Tensor(), torch::Tensor(), x.view({M, nb, QK}).sum(-1).contiguous()};   // block sums
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* a = int8_act ? q[0].data_ptr<int8_t>() : nullptr;
+  const float *s = int8_act ? q[1].data_ptr<float>() : nullptr, *sa = q[2].data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const int32_t* h = qh.has_value() ? qh->data_ptr<int32_t>() : nullptr;
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* mp = m.has_value() ? m->data_ptr<at::Half>() : nullptr;
+  const float o = static_cast<float>(off);
+  float* yp = y.data_ptr<float>();
+  auto run = [&](auto impl) { impl(a, s, sa, xp, M, K, c, h, dp, mp, o, N, yp); };
+  if (fmt == 8) int8_act ? run(matmul_impl<8, true>) : run(matmul_impl<8, false>);
+  else if (fmt == 4) int8_act ? run(matmul_impl<4, true>) : run(matmul_impl<4, false>);
+  else int8_act ? run(matmul_impl<5, true>) : run(matmul_impl<5, false>);
+  return y;
+}
+
+std::string isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_rows", &quantize_rows, "x [M, K] float32 -> int8 codes, per-32 scales, scales * code sums");
+  m.def("quant_matmul", &quant_matmul, "x [M, K] float32 times GGUF-block weights [N, K] -> [M, N] float32",
+        py::arg("x"), py::arg("codes"), py::arg("qh"), py::arg("d"), py::arg("m"), py::arg("fmt"), py::arg("off"), py::arg("int8_act"));
+  m.def("isa", &isa, "the instruction set this build uses");
+}
