@@ -163,7 +163,7 @@ class ModelConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"                  # auto: float32 for XLA on CPU (its f32 dots are fastest), else bfloat16
     backend: str = "auto"                # auto | jax | torch (backends/platform.resolve_backend)
-    quantization: str = "auto"           # auto: keep 4-bit GGUF weights 4-bit where lossless (torch bf16) | none
+    quantization: str = "auto"           # auto: torch keeps GGUF legacy-quant blocks exactly (small steps) | none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
