@@ -38,7 +38,7 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
 from kiln.entrypoints import embeddings_format as EF
 from kiln.entrypoints import openai_protocol as O
-from kiln.entrypoints.batch_files import (BatchUsageError, Writer, check_paths, count_lines, partial_path,
+from kiln.entrypoints.batch_files import (BatchUsageError, Writer, check_paths, count_lines, partial_path, publish,
                                           read_lines, repair_torn_tail, scan_done, sniff_format)
 from kiln.serving import errors as E
 from kiln.serving.core import ServingCore
@@ -264,12 +264,7 @@ async def run_batch_async(engine: AsyncEngine, input_path: str, output_path: str
         if src is not sys.stdin.buffer:
             src.close()
         writer.close()
-    os.replace(part, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    publish(part, out)
     return stats
 
 

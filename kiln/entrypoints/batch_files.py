@@ -24,6 +24,16 @@ def partial_path(output: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def publish(part: Path, out: Path) -> None:
+    """Move the finished partial file to the output path atomically, and make the rename durable."""
+    os.replace(part, out)
+    dfd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def check_paths(input_path: str, output_path: str | os.PathLike, *, resume: bool = False,
                 overwrite: bool = False) -> None:
     """Usage errors that need no model: raise BatchUsageError before anything is loaded."""

@@ -35,7 +35,8 @@ from typing import Any
 from kiln.engine.sampling_params import SamplingParams
 from kiln.entrypoints import batch_format as F
 from kiln.entrypoints.batch import FORMATS, BatchAborted, BatchStats, BatchUsageError, _Job, check_paths
-from kiln.entrypoints.batch_files import Writer, partial_path, repair_torn_tail, scan_done, sniff_format
+from kiln.entrypoints.batch_files import (Writer, partial_path, publish, repair_torn_tail, scan_done,
+                                         sniff_format)
 
 
 class _Records:
@@ -196,12 +197,7 @@ def run_dataset(input_path: str, output_path: str, engine_kwargs: dict, *, n: in
     finally:
         stats.wall_s = time.perf_counter() - t0
         writer.close()
-    os.replace(part, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    publish(part, out)
     return stats
 
 
