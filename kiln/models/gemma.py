@@ -52,17 +52,14 @@ def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
     if cfg.get("use_bidirectional_attention"):
         raise ModelError(f"{arch}: use_bidirectional_attention is not supported (kiln runs causal decoders)")
     gemma3 = arch == "Gemma3ForCausalLM"
-    rope, window = ropes(arch, cfg), cfg.get("sliding_window", 4096)      # transformers' default
-    kinds = layer_kinds(arch, cfg)
-    if "sliding_attention" in kinds and not window:
-        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
+    rope, kinds = ropes(arch, cfg), layer_kinds(arch, cfg)
+    slides = hf_config.window_fields(kinds, cfg.get("sliding_window", 4096))      # transformers' default
     scale = float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256) ** -0.5
     softcap = cfg.get("attn_logit_softcapping")
     bias = bool(cfg.get("attention_bias", False))
     mlp = MlpSpec(int(cfg["intermediate_size"]), act=hf_config.activation(cfg, "gelu_pytorch_tanh"))
 
-    def attention(kind: str) -> AttentionSpec:
-        slide = {"kind": "sliding", "window": int(window)} if kind == "sliding_attention" else {}
+    def attention(kind: str, slide: dict[str, Any]) -> AttentionSpec:
         return AttentionSpec(rope=rope[kind], qkv_bias=bias, o_bias=bias, qk_norm=gemma3, scale=scale,
                              logit_softcap=float(softcap) if softcap else None, **slide)
 
@@ -70,7 +67,8 @@ def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
     fields["norm"] = NormSpec(fields["norm"].eps, "rms_plus_one")
     fields["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", True))
     final_cap = cfg.get("final_logit_softcapping")
-    return ModelSpec(**fields, layers=tuple(LayerSpec(attention(k), mlp, norms="sandwich") for k in kinds),
+    return ModelSpec(**fields, layers=tuple(LayerSpec(attention(k, s), mlp, norms="sandwich")
+                                                   for k, s in zip(kinds, slides)),
                      embed_scale=math.sqrt(fields["hidden_size"]),
                      final_logit_softcap=float(final_cap) if final_cap else None)
 

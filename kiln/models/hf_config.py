@@ -1,4 +1,5 @@
-"""config.json fields every family reads alike: dimensions, token ids, norm epsilon, RoPE, the activation.
+"""config.json fields every family reads alike: dimensions, token ids, norm epsilon, RoPE, the activation, the
+sliding window of the layers that slide.
 
 Both spellings of RoPE are read: transformers 4.x's `rope_theta` + `rope_scaling` and transformers 5's
 `rope_parameters` (theta and scaling in one dict).
@@ -56,3 +57,11 @@ def activation(cfg: dict[str, Any], default: str = "silu") -> str:
     if act not in ACTIVATIONS:
         raise ModelError(f"unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[act]
+
+
+def window_fields(kinds: list[str], window: Any) -> list[dict[str, Any]]:
+    """Per layer, the AttentionSpec fields of its kind ("full_attention" | "sliding_attention", as transformers'
+    `layer_types` names them): {} for a full layer, the window for a sliding one (a ModelError if it has none)."""
+    if "sliding_attention" in kinds and not window:
+        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
+    return [{"kind": "sliding", "window": int(window)} if k == "sliding_attention" else {} for k in kinds]

@@ -29,13 +29,8 @@ def layer_kinds(cfg: dict[str, Any]) -> list[str]:
 def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
     rope = hf_config.rope(cfg)
     mlp = MlpSpec(int(cfg["intermediate_size"]), act=hf_config.activation(cfg))
-    glob = AttentionSpec(rope=rope, qkv_bias=True)
-    window = cfg.get("sliding_window")
-    kinds = layer_kinds(cfg)
-    if "sliding_attention" in kinds and not window:
-        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
-    layers = tuple(LayerSpec(glob if kind == "full_attention" else AttentionSpec(
-        rope=rope, kind="sliding", window=int(window), qkv_bias=True), mlp) for kind in kinds)
+    layers = tuple(LayerSpec(AttentionSpec(rope=rope, qkv_bias=True, **slide), mlp)
+                   for slide in hf_config.window_fields(layer_kinds(cfg), cfg.get("sliding_window")))
     return ModelSpec(**hf_config.model_fields(arch, cfg), layers=layers)
 
 

@@ -12,20 +12,14 @@ from kiln.models import hf_config
 from kiln.models.family import Family, GgufArch
 from kiln.models.naming import LLAMA_CPP_BLOCK_NAMES, LLAMA_CPP_GLOBAL_NAMES, llama_layout
 from kiln.models.qwen2 import layer_kinds
-from kiln.models.spec import AttentionSpec, LayerSpec, MlpSpec, ModelError, ModelSpec
+from kiln.models.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec
 
 
 def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
     rope, bias = hf_config.rope(cfg), bool(cfg.get("attention_bias", False))
     mlp = MlpSpec(int(cfg["intermediate_size"]), act=hf_config.activation(cfg))
-    window = cfg.get("sliding_window")
-    kinds = layer_kinds(cfg)
-    if "sliding_attention" in kinds and not window:
-        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
-    attn = lambda kind: AttentionSpec(rope=rope, qkv_bias=bias, o_bias=bias, qk_norm=True,
-                                      **({"kind": "sliding", "window": int(window)}
-                                         if kind == "sliding_attention" else {}))
-    layers = tuple(LayerSpec(attn(kind), mlp) for kind in kinds)
+    layers = tuple(LayerSpec(AttentionSpec(rope=rope, qkv_bias=bias, o_bias=bias, qk_norm=True, **slide), mlp)
+                   for slide in hf_config.window_fields(layer_kinds(cfg), cfg.get("sliding_window")))
     return ModelSpec(**hf_config.model_fields(arch, cfg), layers=layers)
 
 

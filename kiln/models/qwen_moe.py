@@ -17,7 +17,7 @@ from kiln.models import hf_config
 from kiln.models.family import Family, GgufArch
 from kiln.models.naming import LLAMA_CPP_GLOBAL_NAMES, QWEN_MOE, QWEN_MOE_CPP_BLOCK_NAMES, llama_layout
 from kiln.models.qwen2 import layer_kinds
-from kiln.models.spec import AttentionSpec, LayerSpec, MlpSpec, ModelError, ModelSpec, MoeSpec
+from kiln.models.spec import AttentionSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec
 
 
 def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
@@ -31,18 +31,14 @@ def spec_from_config(arch: str, cfg: dict[str, Any]) -> ModelSpec:
                   norm_topk=bool(cfg.get("norm_topk_prob", False)), shared_expert_size=shared, act=act)
     dense = MlpSpec(int(cfg["intermediate_size"]), act=act)
     step, only = int(cfg.get("decoder_sparse_step", 1)), set(cfg.get("mlp_only_layers") or [])
-    window = cfg.get("sliding_window")
-    kinds = layer_kinds(cfg)
-    if "sliding_attention" in kinds and not window:
-        raise ModelError(f"layer_types has sliding layers but sliding_window is {window!r}")
+    slides = hf_config.window_fields(layer_kinds(cfg), cfg.get("sliding_window"))
 
-    def layer(i: int, kind: str) -> LayerSpec:
-        slide = {"kind": "sliding", "window": int(window)} if kind == "sliding_attention" else {}
+    def layer(i: int, slide: dict[str, Any]) -> LayerSpec:
         attention = AttentionSpec(rope=rope, qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3, **slide)
         sparse = i not in only and (i + 1) % step == 0
         return LayerSpec(attention, moe if sparse else dense)
 
-    return ModelSpec(**hf_config.model_fields(arch, cfg), layers=tuple(layer(i, k) for i, k in enumerate(kinds)))
+    return ModelSpec(**hf_config.model_fields(arch, cfg), layers=tuple(layer(i, s) for i, s in enumerate(slides)))
 
 
 def _gguf_config(qwen3: bool):
