@@ -4,8 +4,6 @@ its numbers those of transformers float32 on the same tiny weights; without the 
 refused with 400 naming it, and nothing compiles either."""
 from __future__ import annotations
 
-import json
-import urllib.request
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.llm import build_engine
-from tests.entrypoints.serving import Servers, wait_idle
+from tests.entrypoints.serving import Servers, post_json, wait_idle
 from tests.tiny import load_hf, save_tiny_model
 
 SETTINGS = dict(max_model_len=64, max_num_seqs=1, max_num_batched_tokens=16, num_blocks=32, backend="jax",
@@ -36,13 +34,7 @@ def cache(tmp_path_factory):
 
 
 def post(base, path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(base + path, body, timeout=120)
 
 
 def serve(model_dir, **kw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import re
 import subprocess
@@ -83,6 +84,17 @@ class Servers:
         if self.grpc is not None:
             call(self.grpc.stop(0.5))
         self.core.metrics.stop_http()
+
+
+def post_json(url: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
+    """POST `body` as JSON to `url`: (status, the JSON answer), error statuses included."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def mock_servers(*, grpc: bool, http: bool, model_name: str, **engine_kwargs):

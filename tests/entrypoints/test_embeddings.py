@@ -5,8 +5,6 @@ INVALID_ARGUMENT naming the field, another model -> 404; the official openai cli
 from __future__ import annotations
 
 import base64
-import json
-import urllib.request
 
 import grpc
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from kiln.proto import inference_pb2 as pb
 from kiln.proto import inference_pb2_grpc as pbg
-from tests.entrypoints.serving import mock_servers, wait_idle
+from tests.entrypoints.serving import mock_servers, post_json, wait_idle
 
 MODEL = "mock-model"
 D = 64        # the mock spec's hidden size (tests/mock_engine.TINY_CONFIG)
@@ -33,13 +31,7 @@ def expected(ids, pooling="last", normalize=True):
 
 
 def post(s, body) -> tuple[int, dict]:
-    req = urllib.request.Request(s.base + "/v1/embeddings", data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(s.base + "/v1/embeddings", body)
 
 
 def test_every_input_form(server):

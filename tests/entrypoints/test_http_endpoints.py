@@ -4,13 +4,12 @@ vLLM prompt dicts of LLM.generate."""
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
 from kiln.engine.llm import LLM
 from kiln.engine.sampling_params import SamplingParams
-from tests.entrypoints.serving import mock_servers
+from tests.entrypoints.serving import mock_servers, post_json
 from tests.mock_engine import mock_engine
 
 MODEL = "mock-model"
@@ -22,13 +21,7 @@ def server():
 
 
 def post(s, path, body) -> tuple[int, dict]:
-    req = urllib.request.Request(s.base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(s.base + path, body)
 
 
 def test_tokenize_and_detokenize(server):
