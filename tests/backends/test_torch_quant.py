@@ -140,25 +140,15 @@ def write_quant_llama(path, folder) -> dict[str, np.ndarray]:
 
     from kiln.models.safetensors_loader import load_hf_folder
     from kiln.models.spec import ModelSpec
-    from tests.models.test_gguf_loader import llama_cpp_permute
+    from tests.models.test_gguf_loader import llama_cpp_permute, write_dims
     from tests.models.test_gguf_moe import _write_tokenizer
-    from tests.tiny import BOS, EOS
     cfg, hf = load_hf_folder(folder)
     ref = ModelSpec.from_hf_config(cfg)
     names = gguf.get_tensor_name_map(MODEL_ARCH.LLAMA, ref.num_layers)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(ref.num_layers)
-    w.add_context_length(ref.max_position_embeddings)
-    w.add_embedding_length(ref.hidden_size)
-    w.add_feed_forward_length(ref.intermediate_size)
-    w.add_head_count(ref.num_heads)
-    w.add_head_count_kv(ref.num_kv_heads)
+    write_dims(w, ref)
     w.add_key_length(ref.head_dim)
-    w.add_layer_norm_rms_eps(ref.norm.eps)
     w.add_rope_freq_base(ref.layers[0].attention.rope.theta)
-    w.add_vocab_size(ref.vocab_size)
-    w.add_bos_token_id(BOS)
-    w.add_eos_token_id(EOS)
     _write_tokenizer(w)
     out = {}
     for k, v in hf.items():

@@ -10,6 +10,21 @@ from kiln.models.safetensors_loader import load_hf_folder
 from kiln.models.spec import ModelError, ModelSpec
 
 
+def write_dims(w, ref, ffn: int | None = None) -> None:
+    """The GGUF metadata every tiny model's file carries: dimensions, norm epsilon, vocabulary and BOS/EOS of
+    spec `ref` (`ffn`: the feed-forward length, when not ref's)."""
+    w.add_block_count(ref.num_layers)
+    w.add_context_length(ref.max_position_embeddings)
+    w.add_embedding_length(ref.hidden_size)
+    w.add_feed_forward_length(ref.intermediate_size if ffn is None else ffn)
+    w.add_head_count(ref.num_heads)
+    w.add_head_count_kv(ref.num_kv_heads)
+    w.add_layer_norm_rms_eps(ref.norm.eps)
+    w.add_vocab_size(ref.vocab_size)
+    w.add_bos_token_id(ref.bos_token_id)
+    w.add_eos_token_id(ref.eos_token_ids[0])
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """Verbatim copy of `LlamaModel.permute` from llama.cpp's convert_hf_to_gguf.py."""
     if n_head_kv is not None and n_head != n_head_kv:
@@ -197,16 +212,7 @@ def test_tiny_hf_model_written_with_llama_cpps_names_loads_back(tmp_path, varian
     ref = ModelSpec.from_hf_config(hf_cfg)
     names = gguf.get_tensor_name_map(getattr(MODEL_ARCH, arch), ref.num_layers)
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch.lower())
-    w.add_block_count(ref.num_layers)
-    w.add_context_length(ref.max_position_embeddings)
-    w.add_embedding_length(ref.hidden_size)
-    w.add_feed_forward_length(ref.intermediate_size)
-    w.add_head_count(ref.num_heads)
-    w.add_head_count_kv(ref.num_kv_heads)
-    w.add_layer_norm_rms_eps(ref.norm.eps)
-    w.add_vocab_size(ref.vocab_size)
-    w.add_bos_token_id(ref.bos_token_id)
-    w.add_eos_token_id(ref.eos_token_ids[0])
+    write_dims(w, ref)
     rope = ref.layers[-1].attention.rope
     w.add_rope_freq_base(rope.theta)
     if arch == "PHI3":

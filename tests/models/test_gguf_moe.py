@@ -14,8 +14,8 @@ from gguf.constants import MODEL_ARCH, GGMLQuantizationType
 from kiln.models.gguf_loader import load_gguf
 from kiln.models.safetensors_loader import load_hf_folder
 from kiln.models.spec import ModelError, ModelSpec
-from tests.models.test_gguf_loader import llama_cpp_permute
-from tests.tiny import BOS, EOS, load_hf, save_tiny_model
+from tests.models.test_gguf_loader import llama_cpp_permute, write_dims
+from tests.tiny import load_hf, save_tiny_model
 
 # variant -> (gguf arch, overrides): llama.cpp's llama arch stores no sliding window, so the Mixtral has none
 CASES = {"mixtral": ("LLAMA", {"sliding_window": None}), "qwen2-moe": ("QWEN2MOE", {}),
@@ -56,18 +56,9 @@ def write_moe_gguf(path, folder, arch: str, *, f16: bool = False, **extra_meta) 
     moe = ref.layers[0].mlp
     names = gguf.get_tensor_name_map(getattr(MODEL_ARCH, arch), ref.num_layers)
     w = gguf.GGUFWriter(str(path), arch.lower())
-    w.add_block_count(ref.num_layers)
-    w.add_context_length(ref.max_position_embeddings)
-    w.add_embedding_length(ref.hidden_size)
-    w.add_feed_forward_length(int(hf_cfg["intermediate_size"]))
-    w.add_head_count(ref.num_heads)
-    w.add_head_count_kv(ref.num_kv_heads)
+    write_dims(w, ref, ffn=int(hf_cfg["intermediate_size"]))
     w.add_key_length(ref.head_dim)
-    w.add_layer_norm_rms_eps(ref.norm.eps)
     w.add_rope_freq_base(ref.layers[0].attention.rope.theta)
-    w.add_vocab_size(ref.vocab_size)
-    w.add_bos_token_id(BOS)
-    w.add_eos_token_id(EOS)
     w.add_expert_count(moe.num_experts)
     w.add_expert_used_count(moe.top_k)
     if arch != "LLAMA":
