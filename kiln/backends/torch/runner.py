@@ -95,9 +95,10 @@ class TorchRunner(ModelRunner):
         with torch.inference_mode():
             if any(r.sampling_params.prompt_logprobs is not None for r in rows):
                 res.prompt_logprobs = self._prompt_logprobs(rows, h)
-            real = (torch.arange(T)[None, :] < torch.from_numpy(x.lens)[:, None])[..., None]   # [n, T, 1]
-            h_last = h[torch.arange(len(rows)), torch.from_numpy(x.lens).long() - 1]            # [n, D]
-            res.hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
+            if any(r.pooling is not None for r in rows):                   # embeddings: pooled sums
+                real = (torch.arange(T)[None, :] < torch.from_numpy(x.lens)[:, None])[..., None]   # [n, T, 1]
+                h_last = h[torch.arange(len(rows)), torch.from_numpy(x.lens).long() - 1]            # [n, D]
+                res.hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
         return res
 
     def _prompt_logprobs(self, rows, h: torch.Tensor) -> list:
