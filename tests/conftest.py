@@ -4,6 +4,7 @@ Both live under `KILN_MODELS_DIR` (default `~/.cache/kiln/models`) and are built
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -11,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-# Tests run like a fresh machine: models are shared (fetched once per machine), but compiled graphs go to a
-# per-session cache, and engines compile lazily unless a test asks for warmup (the compile tests do).
+# Tests run like a fresh machine: models are shared (fetched once per machine), but compiled graphs and built
+# kernels go to a per-session cache, and engines compile lazily unless a test asks for warmup (the compile tests
+# do). Under pytest-xdist (`-n 2`, the README's command) the workers inherit the controller's session cache, so
+# the kernels are built and the GGUF dequantised once per run, not once per worker.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 os.environ.setdefault("KILN_MODELS_DIR", str(Path(os.environ.get("KILN_CACHE_DIR") or "~/.cache/kiln").expanduser()
                                              / "models"))
-os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
+if not (_WORKER and os.environ.get("KILN_TEST_SESSION_CACHE")):
+    os.environ["KILN_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
+os.environ["KILN_CACHE_DIR"] = os.environ["KILN_TEST_SESSION_CACHE"]
 os.environ["KILN_SKIP_WARMUP"] = "1"
 
 from kiln.config import models_dir  # noqa: E402
@@ -50,18 +56,24 @@ def build_hf_dir(gguf: Path, out: Path) -> None:
 def default_hf_dir(default_gguf: Path) -> Path:
     """HF fp32 folder holding the default model's weights as transformers dequantises them; built once."""
     out = models_dir() / "smollm2-135m-instruct-hf"
-    if not (out / "model.safetensors").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
-        try:
-            build_hf_dir(default_gguf, tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            if out.exists():  # a partial folder from something else; ours are only ever renamed in whole
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".smollm2-hf.lock", "w") as lock:   # xdist workers: one builds, the other waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            _build_hf_dir_atomically(default_gguf, out)
     return out
+
+
+def _build_hf_dir_atomically(gguf: Path, out: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
+    try:
+        build_hf_dir(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():  # a partial folder from something else; ours are only ever renamed in whole
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- no silent skips -------------------------------------------------------------------------------------
@@ -72,7 +84,23 @@ _HARDWARE = {h for h in os.environ.get("KILN_TEST_HARDWARE", "").split(",") if h
 _unexpected_skips: list[str] = []
 
 
+# -- pytest-xdist: which tests share a worker ------------------------------------------------------------
+# `-n 2 --dist loadgroup`: a module's tests stay on one worker (its module fixtures are built once), the Ray
+# modules share one (one local Ray cluster at a time), and the 5-minute soak is handed out first so that it runs
+# beside the rest instead of after it.
+_GROUPS = {"tests/serving/test_ray_replicas.py": "ray", "tests/entrypoints/test_batch_ray.py": "ray"}
+_FIRST = ("tests/e2e/test_soak.py",)
+
+
+def _group_items(items) -> None:
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(path, path)))
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in _FIRST)   # stable: the rest keep their order
+
+
 def pytest_collection_modifyitems(config, items):
+    _group_items(items)
     for item in items:
         mark = item.get_closest_marker("hardware")
         if mark is not None and mark.args[0] not in _HARDWARE:
@@ -93,7 +121,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Remove this session's graph cache; fail the session if a test skipped for a reason other than hardware."""
-    shutil.rmtree(os.environ["KILN_CACHE_DIR"], ignore_errors=True)
+    """Remove this session's graph cache (the controller's, once every worker is done); fail the session if a
+    test skipped for a reason other than hardware."""
+    if not _WORKER:
+        shutil.rmtree(os.environ["KILN_TEST_SESSION_CACHE"], ignore_errors=True)
     if _unexpected_skips and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -23,6 +23,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def cache_dir(tmp_path, monkeypatch):
+    from kiln.backends.torch import kernels
+    kernels.load()      # the torch backend's kernels come from the session cache, not rebuilt in this empty one
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 

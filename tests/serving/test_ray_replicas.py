@@ -79,7 +79,7 @@ def test_killed_replica_fails_in_flight_retryably_and_comes_back(replicas):
             await long
         assert isinstance(lost.value, Unavailable)                 # UNAVAILABLE / 503: retry
         other = await _tokens(replicas, [1, 2, 3], 5, "during")     # served while the victim restarts
-        for _ in range(150):                                        # Ray restarts the actor: a new process
+        for _ in range(600):                                        # Ray restarts the actor: a new process
             if (await replicas.check_health())[victim]:
                 break
             await asyncio.sleep(0.2)
