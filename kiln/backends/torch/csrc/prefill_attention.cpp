@@ -36,7 +36,9 @@
 
 namespace kp {
 
-constexpr int KT = 16;             // keys per tile (a cache block holds bs / KT of them)
+constexpr int KT = 16;             // keys per sub-tile: 16 consecutive positions inside one cache block
+constexpr int NSUB = 4;            // sub-tiles per key chunk: the softmax's per-row work is per chunk
+constexpr int KC = KT * NSUB;      // keys per chunk (64)
 constexpr int ROWS = 64;           // target query vectors per task: TQ = max(1, ROWS / G)
 constexpr float NEG = -1e30f;
 
@@ -143,51 +145,51 @@ static inline float softcap1(float s, float cap) { return cap * std::tanh(s / ca
 // the running max / sum / output accumulators, and each row's position (masks).
 struct Tile {
   int64_t M, M4, Dh;
-  float *q, *o, *s, *mx, *l;       // q, o [M4, Dh]; s [M4, KT] scores then probabilities; mx, l [M4]
+  float *q, *o, *s, *mx, *l;       // q, o [M4, Dh]; s [M4, KC] scores then probabilities; mx, l [M4]
   const int64_t* pos;              // [M] query positions
 };
 
-// Softcap, masks and the online softmax of one key tile's scores s [M, KT] (keys k0 + j, j < nk): s becomes
+// Softcap, masks and the online softmax of one key chunk's scores s [M, KC] (keys k0 + j, j < nk): s becomes
 // the probabilities (exact 0 where masked), o rows are rescaled by exp(old max - new max).
 template <bool SIMD>
 static inline void softmax_tile(Tile& t, int64_t k0, int nk, bool masked, int64_t window, float cap) {
   for (int64_t m = 0; m < t.M; ++m) {
-    float* s = t.s + m * KT;
+    float* s = t.s + m * KC;
     const int64_t p = t.pos[m];
     auto seen = [&](int j) { return j < nk && k0 + j <= p && (window <= 0 || p - (k0 + j) < window); };
     float rmax = t.mx[m], rsum = 0.f;
 #if KP_SIMD
     if constexpr (SIMD) {
       if (cap > 0.f)                                        // cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1)
-        for (int i = 0; i < KT / W; ++i) {
+        for (int i = 0; i < KC / W; ++i) {
           const vf e = vexp(vmul(vload(s + i * W), vset(2.f / cap)));
           vstore(s + i * W, vsub(vset(cap), vdiv(vset(2.f * cap), vadd(e, vset(1.f)))));
         }
     } else
 #endif
     if (cap > 0.f)
-      for (int j = 0; j < KT; ++j) s[j] = softcap1(s[j], cap);
-    int valid = KT;
+      for (int j = 0; j < KC; ++j) s[j] = softcap1(s[j], cap);
+    int valid = KC;
     if (masked) {
       valid = 0;
-      for (int j = 0; j < KT; ++j) {
+      for (int j = 0; j < KC; ++j) {
         const bool ok = seen(j);
         valid += ok;
         if (!ok) s[j] = NEG;
       }
       if (valid == 0) {                                     // nothing of this tile is seen by this query
-        std::fill(s, s + KT, 0.f);
+        std::fill(s, s + KC, 0.f);
         continue;
       }
     }
 #if KP_SIMD
     if constexpr (SIMD) {
-      vf v[KT / W], mv, sum = vset(0.f);
-      for (int i = 0; i < KT / W; ++i) v[i] = vload(s + i * W);
+      vf v[KC / W], mv, sum = vset(0.f);
+      for (int i = 0; i < KC / W; ++i) v[i] = vload(s + i * W);
       mv = v[0];
-      for (int i = 1; i < KT / W; ++i) mv = vmax(mv, v[i]);
+      for (int i = 1; i < KC / W; ++i) mv = vmax(mv, v[i]);
       rmax = std::max(rmax, vhmax(mv));
-      for (int i = 0; i < KT / W; ++i) {
+      for (int i = 0; i < KC / W; ++i) {
         v[i] = vexp(vsub(v[i], vset(rmax)));
         sum = vadd(sum, v[i]);
         vstore(s + i * W, v[i]);
@@ -196,12 +198,12 @@ static inline void softmax_tile(Tile& t, int64_t k0, int nk, bool masked, int64_
     } else
 #endif
     {
-      for (int j = 0; j < KT; ++j) rmax = std::max(rmax, s[j]);
-      for (int j = 0; j < KT; ++j) rsum += (s[j] = std::exp(s[j] - rmax));
+      for (int j = 0; j < KC; ++j) rmax = std::max(rmax, s[j]);
+      for (int j = 0; j < KC; ++j) rsum += (s[j] = std::exp(s[j] - rmax));
     }
-    if (valid < KT) {                                       // exact zeros for the masked keys
+    if (valid < KC) {                                       // exact zeros for the masked keys
       rsum = 0.f;
-      for (int j = 0; j < KT; ++j) rsum += (s[j] = seen(j) ? s[j] : 0.f);
+      for (int j = 0; j < KC; ++j) rsum += (s[j] = seen(j) ? s[j] : 0.f);
     }
     if (rmax != t.mx[m]) {                                  // rescale what earlier tiles accumulated
       const float a = std::exp(t.mx[m] - rmax);
@@ -214,47 +216,52 @@ static inline void softmax_tile(Tile& t, int64_t k0, int nk, bool masked, int64_
   }
 }
 
-// One key tile (16 positions) of one task: scores s = q K^T, softmax_tile, o += P V.
-//   kb: K[.., d, j] at kb[d * bs + j];  vb: V[j, d] at vb[j * Dh + d]
+// One key chunk (up to NSUB sub-tiles of 16 positions) of one task: scores s = q K^T, softmax_tile, o += P V.
+//   kb[c]: sub-tile c's K[.., d, j] at kb[c][d * bs + j];  vb[c]: its V[j, d] at vb[c][j * Dh + d]
 template <bool SIMD, typename TC>
-static void block_step(Tile& t, const TC* kb, const TC* vb, int64_t bs, int64_t k0, int nk, bool masked,
-                       int64_t window, float cap) {
+static void block_step(Tile& t, const TC* const* kb, const TC* const* vb, int nsub, int64_t bs, int64_t k0, int nk,
+                       bool masked, int64_t window, float cap) {
   const int64_t Dh = t.Dh;
 #if KP_SIMD
   if constexpr (SIMD) {
     constexpr int NV = KT / W;
-    for (int64_t m = 0; m < t.M4; m += 4) {                 // scores: 4 queries x 16 keys in registers
-      const float *q0 = t.q + m * Dh, *q1 = q0 + Dh, *q2 = q1 + Dh, *q3 = q2 + Dh;
-      vf a0[NV], a1[NV], a2[NV], a3[NV];
-      for (int i = 0; i < NV; ++i) a0[i] = a1[i] = a2[i] = a3[i] = vset(0.f);
-      for (int64_t d = 0; d < Dh; ++d) {
-        vf k[NV];
-        for (int i = 0; i < NV; ++i) k[i] = vload(kb + d * bs + i * W);
-        const vf b0 = vset(q0[d]), b1 = vset(q1[d]), b2 = vset(q2[d]), b3 = vset(q3[d]);
+    for (int c = 0; c < nsub; ++c)
+      for (int64_t m = 0; m < t.M4; m += 4) {               // scores: 4 queries x 16 keys in registers
+        const float *q0 = t.q + m * Dh, *q1 = q0 + Dh, *q2 = q1 + Dh, *q3 = q2 + Dh;
+        const TC* k = kb[c];
+        vf a0[NV], a1[NV], a2[NV], a3[NV];
+        for (int i = 0; i < NV; ++i) a0[i] = a1[i] = a2[i] = a3[i] = vset(0.f);
+        for (int64_t d = 0; d < Dh; ++d) {
+          vf kv[NV];
+          for (int i = 0; i < NV; ++i) kv[i] = vload(k + d * bs + i * W);
+          const vf b0 = vset(q0[d]), b1 = vset(q1[d]), b2 = vset(q2[d]), b3 = vset(q3[d]);
+          for (int i = 0; i < NV; ++i) {
+            a0[i] = vfma(b0, kv[i], a0[i]); a1[i] = vfma(b1, kv[i], a1[i]);
+            a2[i] = vfma(b2, kv[i], a2[i]); a3[i] = vfma(b3, kv[i], a3[i]);
+          }
+        }
+        float* s = t.s + m * KC + c * KT;
         for (int i = 0; i < NV; ++i) {
-          a0[i] = vfma(b0, k[i], a0[i]); a1[i] = vfma(b1, k[i], a1[i]);
-          a2[i] = vfma(b2, k[i], a2[i]); a3[i] = vfma(b3, k[i], a3[i]);
+          vstore(s + i * W, a0[i]); vstore(s + KC + i * W, a1[i]);
+          vstore(s + 2 * KC + i * W, a2[i]); vstore(s + 3 * KC + i * W, a3[i]);
         }
       }
-      float* s = t.s + m * KT;
-      for (int i = 0; i < NV; ++i) {
-        vstore(s + i * W, a0[i]); vstore(s + KT + i * W, a1[i]);
-        vstore(s + 2 * KT + i * W, a2[i]); vstore(s + 3 * KT + i * W, a3[i]);
-      }
-    }
     softmax_tile<true>(t, k0, nk, masked, window, cap);
     for (int64_t m = 0; m < t.M4; m += 4) {                 // o[m..m+3] += P V, head_dim in register chunks
-      const float* p = t.s + m * KT;                        // rows past M: zeros (never written)
       float* o = t.o + m * Dh;
       int64_t c = 0;
       for (; c + 2 * W <= Dh; c += 2 * W) {
         vf a[4][2];
         for (int r = 0; r < 4; ++r) { a[r][0] = vload(o + r * Dh + c); a[r][1] = vload(o + r * Dh + c + W); }
-        for (int j = 0; j < nk; ++j) {
-          const vf v0 = vload(vb + j * Dh + c), v1 = vload(vb + j * Dh + c + W);
-          for (int r = 0; r < 4; ++r) {
-            const vf pj = vset(p[r * KT + j]);
-            a[r][0] = vfma(pj, v0, a[r][0]); a[r][1] = vfma(pj, v1, a[r][1]);
+        for (int u = 0; u < nsub; ++u) {
+          const float* p = t.s + m * KC + u * KT;           // rows past M: zeros (never written)
+          const TC* v = vb[u] + c;
+          for (int j = 0, nj = std::min(KT, nk - u * KT); j < nj; ++j) {
+            const vf v0 = vload(v + j * Dh), v1 = vload(v + j * Dh + W);
+            for (int r = 0; r < 4; ++r) {
+              const vf pj = vset(p[r * KC + j]);
+              a[r][0] = vfma(pj, v0, a[r][0]); a[r][1] = vfma(pj, v1, a[r][1]);
+            }
           }
         }
         for (int r = 0; r < 4; ++r) { vstore(o + r * Dh + c, a[r][0]); vstore(o + r * Dh + c + W, a[r][1]); }
@@ -262,16 +269,21 @@ static void block_step(Tile& t, const TC* kb, const TC* vb, int64_t bs, int64_t 
       for (; c + W <= Dh; c += W) {
         vf a[4];
         for (int r = 0; r < 4; ++r) a[r] = vload(o + r * Dh + c);
-        for (int j = 0; j < nk; ++j) {
-          const vf v0 = vload(vb + j * Dh + c);
-          for (int r = 0; r < 4; ++r) a[r] = vfma(vset(p[r * KT + j]), v0, a[r]);
+        for (int u = 0; u < nsub; ++u) {
+          const float* p = t.s + m * KC + u * KT;
+          for (int j = 0, nj = std::min(KT, nk - u * KT); j < nj; ++j) {
+            const vf v0 = vload(vb[u] + j * Dh + c);
+            for (int r = 0; r < 4; ++r) a[r] = vfma(vset(p[r * KC + j]), v0, a[r]);
+          }
         }
         for (int r = 0; r < 4; ++r) vstore(o + r * Dh + c, a[r]);
       }
       for (; c < Dh; ++c)                                   // head_dim tail (e.g. 24 under AVX-512)
         for (int r = 0; r < 4; ++r) {
           float acc = o[r * Dh + c];
-          for (int j = 0; j < nk; ++j) acc += p[r * KT + j] * to_f32(vb[j * Dh + c]);
+          for (int u = 0; u < nsub; ++u)
+            for (int j = 0, nj = std::min(KT, nk - u * KT); j < nj; ++j)
+              acc += t.s[(m + r) * KC + u * KT + j] * to_f32(vb[u][j * Dh + c]);
           o[r * Dh + c] = acc;
         }
     }
@@ -279,18 +291,21 @@ static void block_step(Tile& t, const TC* kb, const TC* vb, int64_t bs, int64_t 
   }
 #endif
   for (int64_t m = 0; m < t.M; ++m) {                       // the scalar path: same steps, plain loops
-    float* s = t.s + m * KT;
+    float* s = t.s + m * KC;
     const float* q = t.q + m * Dh;
-    std::fill(s, s + KT, 0.f);
-    for (int64_t d = 0; d < Dh; ++d)
-      for (int j = 0; j < KT; ++j) s[j] += q[d] * to_f32(kb[d * bs + j]);
+    std::fill(s, s + KC, 0.f);
+    for (int u = 0; u < nsub; ++u)
+      for (int64_t d = 0; d < Dh; ++d)
+        for (int j = 0; j < KT; ++j) s[u * KT + j] += q[d] * to_f32(kb[u][d * bs + j]);
   }
   softmax_tile<false>(t, k0, nk, masked, window, cap);
   for (int64_t m = 0; m < t.M; ++m) {
-    const float* p = t.s + m * KT;
     float* o = t.o + m * Dh;
-    for (int j = 0; j < nk; ++j)
-      for (int64_t d = 0; d < Dh; ++d) o[d] += p[j] * to_f32(vb[j * Dh + d]);
+    for (int u = 0; u < nsub; ++u) {
+      const float* p = t.s + m * KC + u * KT;
+      for (int j = 0, nj = std::min(KT, nk - u * KT); j < nj; ++j)
+        for (int64_t d = 0; d < Dh; ++d) o[d] += p[j] * to_f32(vb[u][j * Dh + d]);
+    }
   }
 }
 
@@ -318,7 +333,7 @@ void prefill_attention(const TQ* q, const TC* kc, const TC* vc, const int64_t* t
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   parallel(std::min(workers, std::max<int64_t>(n_tasks, 1)), [&](int64_t) {
     const int64_t M4max = (TQn * G + 3) / 4 * 4;
-    std::vector<float> qbuf(M4max * Dh), obuf(M4max * Dh), sbuf(M4max * KT), mx(M4max), l(M4max);
+    std::vector<float> qbuf(M4max * Dh), obuf(M4max * Dh), sbuf(M4max * KC), mx(M4max), l(M4max);
     std::vector<int64_t> pos(M4max);
     for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
       const Task& tk = tasks[i];
@@ -338,14 +353,18 @@ void prefill_attention(const TQ* q, const TC* kc, const TC* vc, const int64_t* t
         }
       const int64_t p0 = starts[b] + tk.t0, p1 = p0 + tk.nq - 1;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p0 - window + 1) : 0;
-      for (int64_t k0 = lo / KT * KT; k0 <= p1; k0 += KT) {
-        const int64_t blk = tables[b * NBt + k0 / bs], off = k0 % bs;
-        const TC* kb = kc + (blk * KVH + h) * Dh * bs + off;
-        const TC* vb = vc + ((blk * KVH + h) * bs + off) * Dh;
-        const int nk = static_cast<int>(std::min<int64_t>(KT, p1 + 1 - k0));
-        const bool masked = k0 + KT - 1 > p0 || (window > 0 && k0 <= p1 - window);
-        if (portable) block_step<false, TC>(t, kb, vb, bs, k0, nk, masked, window, cap);
-        else block_step<true, TC>(t, kb, vb, bs, k0, nk, masked, window, cap);
+      for (int64_t k0 = lo / KT * KT; k0 <= p1; k0 += KC) {
+        const TC *kb[NSUB], *vb[NSUB];
+        int nsub = 0;
+        for (int64_t k = k0; nsub < NSUB && k <= p1; k += KT, ++nsub) {   // the chunk's sub-tiles in the cache
+          const int64_t blk = tables[b * NBt + k / bs], off = k % bs;
+          kb[nsub] = kc + (blk * KVH + h) * Dh * bs + off;
+          vb[nsub] = vc + ((blk * KVH + h) * bs + off) * Dh;
+        }
+        const int nk = static_cast<int>(std::min<int64_t>(KC, p1 + 1 - k0));
+        const bool masked = k0 + KC - 1 > p0 || (window > 0 && k0 <= p1 - window);
+        if (portable) block_step<false, TC>(t, kb, vb, nsub, bs, k0, nk, masked, window, cap);
+        else block_step<true, TC>(t, kb, vb, nsub, bs, k0, nk, masked, window, cap);
       }
       for (int64_t ti = 0; ti < tk.nq; ++ti)
         for (int64_t g = 0; g < G; ++g) {
