@@ -61,12 +61,15 @@ def tiny(request, tmp_path_factory):
 
 @pytest.fixture(params=["kernel", "torch-ops"])
 def decode_path(request, monkeypatch):
-    """Decode attention by the csrc/ kernel, or by the torch-ops fallback used where it cannot be built."""
+    """Decode and prefill attention by the csrc/ kernels, or by the torch-ops fallback used where they cannot be
+    built."""
     from kiln.backends.torch import kernels
     if request.param == "kernel":
         assert kernels.load() is not None, "the decode-attention kernel did not build on this machine"
+        assert kernels.prefill_kernel(BLOCK) is not None, "the prefill-attention kernel did not build"
     else:
         monkeypatch.setattr(kernels, "load", lambda: None)
+        monkeypatch.setattr(kernels, "prefill_kernel", lambda block_size: None)
     return request.param
 
 

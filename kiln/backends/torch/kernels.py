@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
+PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"
 HEAD_DIMS = (16, 24, 32, 64, 128)   # the head_dim and block_size instances csrc/ builds
 BLOCK_SIZES = (16,)
 STALE_LOCK_S = 300                      # a build takes ~25 s; an older lock is an interrupted one
@@ -38,8 +39,23 @@ def decode_kernel(head_dim: int, block_size: int):
 
 @functools.cache
 def load():
-    """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built."""
+    """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built. The
+    prefill-attention module is built (or loaded) here too: the runner calls this once at start, and a serving
+    step never builds."""
+    load_prefill()
     return _build("kiln_cpu_kernels", SOURCE, CFLAGS)
+
+
+def prefill_kernel(block_size: int):
+    """The prefill-attention kernel (csrc/prefill_attention.cpp: `prefill_attention`) for this block size, or
+    None (the model then uses its torch-ops path; scripts/bench_prefill.py replaces this function to time both)."""
+    return load_prefill() if block_size % 16 == 0 else None
+
+
+@functools.cache
+def load_prefill():
+    """The built prefill-attention module, or None where it cannot be built."""
+    return _build("kiln_prefill_kernels", PREFILL_SOURCE, CFLAGS)
 
 
 @functools.cache

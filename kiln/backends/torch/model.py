@@ -7,8 +7,8 @@ dtype (the compute dtype unless --kv-cache-dtype says otherwise; scores and soft
 the layout the decode kernel (csrc/kernels.cpp) reads with contiguous vector loops; a token's slot is
 block * block_size + offset, as the block manager hands them out. Every step, prefill chunk or decode, is the
 same computation: write the new tokens' K/V to their slots, attend causally from each new token's position over
-its row's context (decode: csrc/ kernel; prefill: gathered blocks and torch ops). Rows whose first slot is 0
-(the null block) are bucket padding and are not computed.
+its row's context (decode: csrc/kernels.cpp; prefill: csrc/prefill_attention.cpp, or gathered blocks and torch
+ops where it is not built). Rows whose first slot is 0 (the null block) are bucket padding and are not computed.
 
 In bfloat16 the matmul inputs and the weights are bf16 but the residual stream is float32: hidden values of the
 default model reach ~25,000, where bf16's spacing is 128, and a bf16 residual (as transformers keeps it) loses
@@ -74,6 +74,9 @@ class _Step:
     tables: torch.Tensor                   # [B, nbt] the blocks of each row's context
     kernel: object = None                  # decode: the csrc/ module; else the torch-ops path below
     ctx_lens: torch.Tensor | None = None   # decode: [B] context lengths, the new token included
+    prefill: object = None                 # not decode: the csrc/ prefill module, or None (torch ops)
+    starts: torch.Tensor | None = None     # prefill kernel: [B] position of each row's first new token
+    q_lens: torch.Tensor | None = None     # prefill kernel: [B] real new tokens per row
     masks: dict | None = None              # torch-ops: window (None: global) -> [B, T, S] additive mask
     new_blocks: torch.Tensor | None = None # torch-ops: [N] block and offset of each new token's slot
     new_offsets: torch.Tensor | None = None
@@ -102,9 +105,21 @@ def _attend(st: _Step, ls: LayerSpec, lw: Layer, qkv: torch.Tensor, kc: torch.Te
     qk = _rope(qkv[:, :(H + KVH) * Dh].view(B, T, H + KVH, Dh), st.cos_t[r], st.sin_t[r])  # [B, T, H+KVH, Dh]
     kc[st.new_blocks, :, :, st.new_offsets] = qk[:, :, H:].reshape(N, KVH, Dh).to(kc.dtype)  # [NB, KVH, Dh, bs]
     vc[st.new_blocks, :, st.new_offsets] = qkv[:, (H + KVH) * Dh:].reshape(N, KVH, Dh).to(vc.dtype)
+    return _prefill_attention(st, at, qk[:, :, :H], kc, vc, scale)
+
+
+def _prefill_attention(st: _Step, at, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """Causal attention of q [B, T, H, Dh] (rotated; the new tokens' K/V already in the cache) over each row's
+    context -> [N, H*Dh]: csrc/prefill_attention.cpp straight from the cache blocks, or (no kernel) the blocks
+    gathered into contiguous copies and torch ops under the [B, T, S] masks."""
+    B, T, H, KVH, Dh = st.B, st.T, st.H, st.KVH, st.Dh
+    if st.prefill is not None:
+        return st.prefill.prefill_attention(q.contiguous(), kc, vc, st.tables, st.starts, st.q_lens, scale,
+                                            at.window or 0, at.logit_softcap or 0.0).view(B * T, H * Dh)
     k_ctx = kc[st.tables].permute(0, 2, 3, 1, 4).reshape(B, KVH, Dh, -1)             # [B, KVH, Dh, S]
     v_ctx = vc[st.tables].permute(0, 2, 1, 3, 4).reshape(B, KVH, -1, Dh)             # [B, KVH, S, Dh]
-    return _attention(qk[:, :, :H], k_ctx, v_ctx, st.masks[at.window], scale, at.logit_softcap).view(N, H * Dh)
+    return _attention(q, k_ctx, v_ctx, st.masks[at.window], scale, at.logit_softcap).view(B * T, H * Dh)
 
 
 ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -176,14 +191,18 @@ def _step(spec: ModelSpec, w: Weights, block_size: int, pos: torch.Tensor, lens:
     if st.kernel is not None:
         st.ctx_lens = pos[:, 0] + 1
         return st
-    j = torch.arange(nbt * block_size)                                            # [S] context positions
-    last = pos[:, :1] + lens[:, None] - 1                                         # [B, 1] last real position
-    q_pos = torch.minimum(pos, last)[:, :, None]                                  # [B, T, 1]
-    causal = j[None, None, :] <= q_pos                                            # [B, T, S]
-    st.masks = {}
-    for window in {l.attention.window for l in spec.layers}:
-        seen = causal if window is None else causal & (q_pos - j[None, None, :] < window)
-        st.masks[window] = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))   # [B, T, S]
+    st.prefill = kernels.prefill_kernel(block_size)                               # prefill: csrc/ or torch ops
+    if st.prefill is not None:
+        st.starts, st.q_lens = pos[:, 0].contiguous(), lens.contiguous()
+    else:
+        j = torch.arange(nbt * block_size)                                        # [S] context positions
+        last = pos[:, :1] + lens[:, None] - 1                                     # [B, 1] last real position
+        q_pos = torch.minimum(pos, last)[:, :, None]                              # [B, T, 1]
+        causal = j[None, None, :] <= q_pos                                        # [B, T, S]
+        st.masks = {}
+        for window in {l.attention.window for l in spec.layers}:
+            seen = causal if window is None else causal & (q_pos - j[None, None, :] < window)
+            st.masks[window] = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))   # [B, T, S]
     new_slots = torch.from_numpy(slots[:B]).long().reshape(-1)                    # [N]
     st.new_blocks, st.new_offsets = new_slots // block_size, new_slots % block_size
     dt = w.embed.dtype
