@@ -231,6 +231,7 @@ class JaxRunner(ModelRunner):
                                                     preempted=[])) for idx, kind in parts]
         if len(results) == 1:
             return results[0]
+        self._stats.steps -= 1                     # one engine step, counted once (its graphs per bucket each)
         return merge_results([idx for idx, _ in parts], results, len(step.rows))
 
     def _sample(self, rows, logits, B: int) -> StepResult:
