@@ -344,3 +344,14 @@ def test_random_operations_keep_invariants(seed):
     sim.run()
     assert sim.finished and all(r.status is Status.FINISHED for r in sim.finished.values())
     sim.assert_clean()
+
+
+def test_chunked_prefill_flags_reach_the_scheduler_config():
+    from kiln.entrypoints.args import engine_kwargs
+    from kiln.entrypoints.cli import build_parser
+    kw = engine_kwargs(build_parser().parse_args(
+        ["serve", "--max-num-batched-tokens", "48", "--long-prefill-token-threshold", "12"]))
+    s = make_sched(max_num_batched_tokens=kw["max_num_batched_tokens"],
+                   long_prefill_token_threshold=kw["long_prefill_token_threshold"]).config.scheduler
+    assert (s.max_num_batched_tokens, s.long_prefill_token_threshold) == (48, 12)
+    assert engine_kwargs(build_parser().parse_args(["serve"]))["long_prefill_token_threshold"] == 0
