@@ -189,13 +189,18 @@ class CacheConfig:
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64               # requests running at once (decode batch)
-    max_num_batched_tokens: int = 2048   # tokens per prefill step, padding included
+    max_num_batched_tokens: int = 2048   # tokens per step: the decodes (1 each), then prefill chunks (their
+                                         # padded bucket within it)
     max_model_len: int = 2048            # prompt + output tokens of one request
+    long_prefill_token_threshold: int = 0  # a prompt's chunk per step is at most this many tokens (0: off)
 
     def __post_init__(self):
         for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be at least 1, got {getattr(self, f)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be 0 (off) or positive, got "
+                             f"{self.long_prefill_token_threshold}")
 
 
 @dataclasses.dataclass(frozen=True)

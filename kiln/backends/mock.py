@@ -87,7 +87,7 @@ class MockRunner(ModelRunner):
         if want is not None:
             top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
         plp = None
-        if step.kind == "prefill" and any(r.sampling_params.prompt_logprobs is not None for r in step.rows):
+        if step.kind != "decode" and any(r.sampling_params.prompt_logprobs is not None for r in step.rows):
             plp = [self._prompt_logprobs(r) for r in step.rows]
         hidden = None
         if any(r.pooling is not None for r in step.rows):

@@ -78,7 +78,7 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
                  quantization: str = "auto", kv_cache_dtype: str = "auto", block_size: int = 16,
                  num_blocks: int = 0, kv_cache_gib: float | None = None, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 max_model_len: int | None = None, seed: int = 0, platform: str | None = None,
+                 max_model_len: int | None = None, long_prefill_token_threshold: int = 0, seed: int = 0, platform: str | None = None,
                  free_bytes: int | None = None, buckets: dict[str, tuple[int, int, int]] | None = None,
                  env: Env | None = None, tensor_parallel_size: int | None = None,
                  parallel: ParallelConfig | None = None, **compile_kwargs) -> EngineConfig:
@@ -103,7 +103,7 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
     max_len = resolve_max_len(spec, max_model_len)
     sc = SchedulerConfig(max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens or max(2048, min(max_len, 8192)),
-                         max_model_len=max_len)
+                         max_model_len=max_len, long_prefill_token_threshold=long_prefill_token_threshold)
     if compile_kwargs.get("warmup") is None:
         compile_kwargs["warmup"] = not env.skip_warmup
     comp = CompileConfig(**compile_kwargs)

@@ -1,14 +1,16 @@
-"""FCFS continuous batching over two graph families: prefill steps and decode steps.
+"""FCFS continuous batching under one rule: every request's computed tokens catch up with its tokens.
 
-The rule: every request's computed tokens catch up with its tokens. A request with more than one token
-to compute needs prefill (a new prompt, a later chunk of a long one, or a preempted request recomputing);
-one with exactly one needs decode. Each step is one kind. When both kinds have work they alternate, so a
-long prompt is prefilled in chunks between decode steps and running streams keep flowing.
-
-Prefill steps spend a token budget (`max_num_batched_tokens`) counted with padding: the bucket a step
-lands in (padded rows x padded chunk length) stays within it. Admission is FCFS while `max_num_seqs` and
-free blocks allow; a prefix-cache hit starts a request past its cached blocks. When a running request
-needs a block and none is free, the newest running request is preempted (blocks freed, recomputed later).
+A request with exactly one token to compute needs decode; one with more needs prefill (a new prompt, a later
+chunk of a long one, or a preempted request recomputing). Each step, as vLLM v1 does:
+  1. the running decodes, one token each (when a block runs out, the newest running request is preempted:
+     blocks freed, recomputed later);
+  2. the rest of the token budget (`max_num_batched_tokens` minus the decodes) filled with prefill chunks:
+     running partial prefills first, then FCFS admission while `max_num_seqs` and free blocks allow (a
+     prefix-cache hit starts a request past its cached blocks; nothing is admitted in a step that preempted).
+A chunk is capped by `long_prefill_token_threshold` when set (several long prompts share a step and none
+takes the whole budget), and the prefill rows' padded bucket (rows x longest chunk, compile/buckets) stays
+within the budget, so a compiled backend has a graph for them. A step with both is kind "mixed"; one with only
+decodes "decode", only prefill chunks "prefill" (the graph families a compiled backend already has).
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._last_kind = "decode"
         self.num_preemptions = 0
 
     # -- queue ------------------------------------------------------------------------------------
@@ -54,16 +55,13 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput | None:
-        needs_prefill = bool(self.waiting) or any(r.num_tokens - r.num_computed_tokens > 1 for r in self.running)
-        needs_decode = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
-        order = ["prefill", "decode"] if self._last_kind == "decode" or not needs_decode else ["decode", "prefill"]
-        for kind in order:
-            if (kind == "prefill" and needs_prefill) or (kind == "decode" and needs_decode):
-                out = self._schedule_prefill() if kind == "prefill" else self._schedule_decode()
-                if out.rows:
-                    self._last_kind = kind
-                    return out
-        return None
+        decodes, preempted = self._schedule_decode()
+        budget = self.config.scheduler.max_num_batched_tokens - len(decodes)
+        prefills = self._schedule_prefill(budget, admit=not preempted)
+        if not decodes and not prefills:
+            return None
+        kind = "mixed" if decodes and prefills else "decode" if decodes else "prefill"
+        return SchedulerOutput(kind, decodes + prefills, preempted)
 
     def _row(self, req: Request, num_new: int) -> ScheduledRow:
         start = req.num_computed_tokens
@@ -76,44 +74,8 @@ class Scheduler:
             prompt_len=len(req.prompt_token_ids), history=req.all_token_ids if penalties else [],
             eos_token_ids=req.eos_token_ids, pooling=req.pooling)
 
-    def _schedule_prefill(self) -> SchedulerOutput:
-        plan = self.config.buckets
-        max_rows = plan.prompt_bs[-1]
-        rows: list[ScheduledRow] = []
-        longest = 0
-
-        def chunk_for(req: Request) -> int:
-            cap = plan.max_prefill_seq(len(rows) + 1)    # the padded bucket stays within the token budget
-            return 0 if longest > cap else min(req.num_tokens - req.num_computed_tokens, cap)
-
-        for req in [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]:
-            n = chunk_for(req)
-            if len(rows) == max_rows or n == 0:
-                break
-            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
-                break
-            rows.append(self._row(req, n))
-            longest = max(longest, n)
-        while self.waiting and len(rows) < max_rows and len(self.running) < self.config.scheduler.max_num_seqs:
-            req = self.waiting[0]
-            blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids) \
-                if req.sampling_params.prompt_logprobs is None and req.pooling is None \
-                else ([], 0)   # prompt logprobs and embeddings: compute every position
-            req.num_computed_tokens = cached
-            n = chunk_for(req)
-            if n == 0 or not self.kv.allocate_slots(req.request_id, cached + n, blocks):
-                req.num_computed_tokens = 0
-                break
-            self.waiting.popleft()
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = cached
-            req.status = Status.RUNNING
-            self.running.append(req)
-            rows.append(self._row(req, n))
-            longest = max(longest, n)
-        return SchedulerOutput("prefill", rows)
-
-    def _schedule_decode(self) -> SchedulerOutput:
+    def _schedule_decode(self) -> tuple[list[ScheduledRow], list[str]]:
+        """The running decodes, one token each, preempting the newest running request on block shortage."""
         rows: list[ScheduledRow] = []
         preempted: list[str] = []
         max_rows = self.config.buckets.decode_bs[-1]
@@ -131,7 +93,51 @@ class Scheduler:
             if req.status is Status.RUNNING:
                 rows.append(self._row(req, 1))
         rows = [r for r in rows if r.request_id not in preempted]
-        return SchedulerOutput("decode", rows, preempted)
+        return rows, preempted
+
+    def _schedule_prefill(self, budget: int, admit: bool) -> list[ScheduledRow]:
+        """Prefill chunks of at most `budget` real tokens in all: running partial prefills, then admissions."""
+        plan = self.config.buckets
+        threshold = self.config.scheduler.long_prefill_token_threshold
+        max_rows = plan.prompt_bs[-1]
+        rows: list[ScheduledRow] = []
+        longest, used = 0, 0
+
+        def chunk_for(req: Request) -> int:
+            cap = plan.max_prefill_seq(len(rows) + 1)    # the padded bucket stays within the token budget
+            cap = min(cap, budget - used, threshold or cap)
+            return 0 if longest > cap else max(min(req.num_tokens - req.num_computed_tokens, cap), 0)
+
+        def add(req: Request, n: int) -> None:
+            nonlocal longest, used
+            rows.append(self._row(req, n))
+            longest, used = max(longest, n), used + n
+
+        for req in [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]:
+            n = chunk_for(req)
+            if len(rows) == max_rows or n == 0:
+                break
+            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                break
+            add(req, n)
+        while admit and self.waiting and len(rows) < max_rows \
+                and len(self.running) < self.config.scheduler.max_num_seqs:
+            req = self.waiting[0]
+            blocks, cached = self.kv.get_computed_blocks(req.request_id, req.all_token_ids) \
+                if req.sampling_params.prompt_logprobs is None and req.pooling is None \
+                else ([], 0)   # prompt logprobs and embeddings: compute every position
+            req.num_computed_tokens = cached
+            n = chunk_for(req)
+            if n == 0 or not self.kv.allocate_slots(req.request_id, cached + n, blocks):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            add(req, n)
+        return rows
 
     def _preempt(self, req: Request) -> None:
         """Free the newest running request's blocks; it goes back to the head of the queue to recompute."""

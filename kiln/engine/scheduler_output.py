@@ -35,9 +35,15 @@ class ScheduledRow:
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    kind: str                     # "prefill" (chunks of new tokens over any cached prefix) or "decode"
+    kind: str                     # "prefill" (chunks of new tokens over any cached prefix), "decode" (one
+                                  # token per row), or "mixed": decode rows first, then prefill chunks
     rows: list[ScheduledRow]      # in batch order
     preempted: list[str] = dataclasses.field(default_factory=list)  # request ids preempted this step
+
+    @property
+    def num_decode_rows(self) -> int:
+        """Rows of one token (decodes; in a mixed step also a 1-token prefill chunk, computed the same way)."""
+        return sum(len(r.token_ids) == 1 for r in self.rows)
 
     @property
     def num_tokens(self) -> int:

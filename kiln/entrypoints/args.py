@@ -33,7 +33,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(default: min(model limit, 2048))")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one prefill step, padding included (default: 2048)")
+                   help="token budget of one step: the running decodes take 1 each, prefill chunks the rest (the "
+                        "prefill rows' padded bucket within it). Larger: prompts finish prefill in fewer steps "
+                        "(lower TTFT) but a step carrying a long chunk is slower for every running stream (higher "
+                        "TPOT); smaller: the reverse (default: max(2048, min(max-model-len, 8192)))")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="at most this many tokens of one prompt per step (0: off, a chunk may take the whole "
+                        "budget). Lower: several long prompts share a step and running streams keep a steady "
+                        "TPOT, at the cost of each long prompt's TTFT (default: 0)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV-cache size in GiB (default: $KILN_KVCACHE_SPACE or 1)")
@@ -101,6 +108,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 kv_cache_dtype=a.kv_cache_dtype,
                 max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+                long_prefill_token_threshold=getattr(a, "long_prefill_token_threshold", 0),
                 kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
                 buckets=buckets, warmup=a.warmup, allow_lazy_compile=a.allow_lazy_compile,
                 warmup_scoring=getattr(a, "warmup_scoring", False),

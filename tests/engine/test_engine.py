@@ -8,6 +8,8 @@ Every runner's `execute` is wrapped to record the SchedulerOutputs it ran, so te
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import kiln
@@ -215,13 +217,15 @@ def test_chunked_prefill_equals_hf(chunked_llm, prompts, hf_refs):
     assert llm.engine.config.scheduler.max_num_batched_tokens == 32
     outs = llm.generate(prompts, GREEDY)
     _assert_equal_hf(_tokens(outs), hf_refs, prompts)
-    prefills = [o for o in llm.recorded if o.kind == "prefill"]
-    assert all(len(o.rows) * max(len(r.token_ids) for r in o.rows) <= 32 for o in prefills)
-    # prompts prefilled in several chunks: an early chunk does not sample, the next starts where it ended
+    assert all(o.num_tokens <= 32 for o in llm.recorded)          # decodes + prefill chunks within the budget
+    assert any(o.kind == "mixed" for o in llm.recorded)
+    # prompts prefilled in several chunks (in prefill or mixed steps): an early chunk does not sample, the next
+    # starts where it ended
     chunks: dict[str, list] = {}
-    for o in prefills:
+    for o in llm.recorded:
         for r in o.rows:
-            chunks.setdefault(r.request_id, []).append((r.start_pos, len(r.token_ids), r.sample))
+            if r.start_pos < r.prompt_len:                            # a prompt chunk, not a decode
+                chunks.setdefault(r.request_id, []).append((r.start_pos, len(r.token_ids), r.sample))
     chunked = {rid: c for rid, c in chunks.items() if len(c) > 1}
     assert chunked, chunks                     # (later long prompts mostly hit the first one's cached blocks)
     for c in chunked.values():
@@ -320,7 +324,12 @@ def test_abort_mid_way_frees_blocks(llm, prompts):
 # -- static shapes -----------------------------------------------------------------------------------------
 def _keys_for(config, out, compiled_kinds) -> set[GraphKey]:
     """The model bucket the plan picks for one step and the sampler graph of that batch size (a lazily
-    compiling runner compiles exactly these)."""
+    compiling runner compiles exactly these). A mixed step runs as its decode rows' step, then its prefill's."""
+    if out.kind == "mixed":
+        dec = [r for r in out.rows if len(r.token_ids) == 1 and not r.scores]
+        pre = [r for r in out.rows if r not in dec]
+        return set().union(*(_keys_for(config, dataclasses.replace(out, kind=k, rows=rows), compiled_kinds)
+                             for k, rows in (("decode", dec), ("prefill", pre)) if rows))
     plan = config.buckets
     if out.kind == "prefill":
         b, s = plan.prefill_bucket(len(out.rows), max(len(r.token_ids) for r in out.rows))
@@ -339,8 +348,10 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         assert st.real_tokens == sum(o.num_tokens for o in v.history)
         if runner.name == "torch":                      # eager model and sampler: nothing compiled, no padding rows
             assert st.compiles == 0
-            seq = lambda o: -(-max(len(r.token_ids) for r in o.rows) // 16) * 16 if o.kind == "prefill" else 1
-            assert st.computed_tokens == sum(len(o.rows) * seq(o) for o in v.history)   # prefill: multiples of 16
+            up = lambda n: -(-n // 16) * 16
+            seq = lambda o: up(max(len(r.token_ids) for r in o.rows)) if o.kind == "prefill" else 1
+            computed = lambda o: up(o.num_tokens) if o.kind == "mixed" else len(o.rows) * seq(o)
+            assert st.computed_tokens == sum(computed(o) for o in v.history)   # prefill, mixed: multiples of 16
             continue
         keys = [k for k, _ in runner.compile_log]
         assert len(keys) == len(set(keys)), "a bucket compiled twice"

@@ -34,6 +34,14 @@ def make_req(rid: str, n_prompt: int, max_tokens: int = 8, base: int = 0) -> Req
     return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), seed=0)
 
 
+def split(out):
+    """(decode rows, prefill rows) of a step: a mixed step's decodes come first (a 1-token first chunk would
+    count as a decode here; the checks below hold for either)."""
+    n_dec = len(out.rows) if out.kind == "decode" else 0 if out.kind == "prefill" else \
+        next(i for i, r in enumerate(out.rows) if len(r.token_ids) > 1 or i == len(out.rows) - 1)
+    return out.rows[:n_dec], out.rows[n_dec:]
+
+
 class _Sim:
     """Drives a Scheduler like LLMEngine.step does, checking the step's contract every time."""
 
@@ -81,17 +89,24 @@ class _Sim:
             assert 0 not in r.block_table, "null block handed to a request"
             assert r.sample == (r.start_pos + len(r.token_ids) == req.num_tokens)
             assert r.output_index == len(req.output_token_ids)
-        if out.kind == "prefill":
-            longest = max(len(r.token_ids) for r in out.rows)
-            assert len(out.rows) * longest <= cfg.scheduler.max_num_batched_tokens, "budget ignores padding"
+        assert out.kind in ("prefill", "decode", "mixed")
+        decodes, prefills = split(out)
+        assert (out.kind == "mixed") == bool(decodes and prefills)
+        if decodes:                                                    # decode rows first, one token each
+            assert all(len(r.token_ids) == 1 and r.sample for r in decodes)
+            assert len(decodes) <= cfg.buckets.decode_bs[-1]
+            cfg.buckets.decode_bucket(len(decodes), max(len(r.block_table) for r in decodes))
+        if prefills:
+            longest = max(len(r.token_ids) for r in prefills)
+            assert len(prefills) * longest <= cfg.scheduler.max_num_batched_tokens, "budget ignores padding"
             assert longest <= cfg.buckets.prompt_seq[-1]
-            assert len(out.rows) <= cfg.buckets.prompt_bs[-1]
-            b, t = cfg.buckets.prefill_bucket(len(out.rows), longest)      # has a bucket ...
+            assert len(prefills) <= cfg.buckets.prompt_bs[-1]
+            b, t = cfg.buckets.prefill_bucket(len(prefills), longest)      # has a bucket ...
             assert b * t <= cfg.scheduler.max_num_batched_tokens, "padded bucket over the token budget"
-        else:
-            assert all(len(r.token_ids) == 1 for r in out.rows)
-            assert len(out.rows) <= cfg.buckets.decode_bs[-1]
-            cfg.buckets.decode_bucket(len(out.rows), max(len(r.block_table) for r in out.rows))
+            if cfg.scheduler.long_prefill_token_threshold:
+                assert longest <= cfg.scheduler.long_prefill_token_threshold
+        if len(decodes) <= cfg.scheduler.max_num_batched_tokens:
+            assert out.num_tokens <= cfg.scheduler.max_num_batched_tokens, "decodes + chunks over the budget"
         assert len(s.running) <= cfg.scheduler.max_num_seqs
 
     def run(self, max_steps: int = 10_000):
@@ -109,7 +124,7 @@ class _Sim:
         assert not self.s.running and not self.s.waiting and not self.s.requests
 
 
-def test_prefill_then_decode_alternate():
+def test_a_newcomer_is_prefilled_beside_the_running_decodes():
     sim = _Sim(make_sched())
     sim.add(make_req("a", 10, max_tokens=6, base=0))
     sim.add(make_req("b", 7, max_tokens=6, base=100))
@@ -118,35 +133,66 @@ def test_prefill_then_decode_alternate():
     assert [len(r.token_ids) for r in out.rows] == [10, 7] and all(r.sample for r in out.rows)
     out = sim.step()
     assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a", "b"]
-    # a newcomer while decode has work: prefill and decode alternate
+    # a newcomer while a and b decode: one mixed step, decodes first, and nobody waits a step for it
     sim.add(make_req("c", 9, max_tokens=6, base=200))
-    kinds = [sim.step().kind for _ in range(3)]
-    assert kinds == ["prefill", "decode", "decode"]
-    assert [r.request_id for r in sim.outs[2].rows] == ["c"]
-    assert [r.request_id for r in sim.outs[3].rows] == ["a", "b", "c"]
+    out = sim.step()
+    assert out.kind == "mixed" and [r.request_id for r in out.rows] == ["a", "b", "c"]
+    assert [(r.start_pos, len(r.token_ids)) for r in out.rows] == [(11, 1), (8, 1), (0, 9)]
+    assert sim.step().kind == "decode"
     sim.run()
     assert set(sim.finished) == {"a", "b", "c"}
     assert all(len(r.output_token_ids) == 6 for r in sim.finished.values())
     sim.assert_clean()
 
 
-def test_long_prompt_is_chunked_between_decode_steps():
+def test_long_prompt_is_chunked_beside_decodes():
     sim = _Sim(make_sched(max_num_batched_tokens=16))
-    sim.add(make_req("short", 5, max_tokens=10, base=0))
+    short = sim.add(make_req("short", 5, max_tokens=10, base=0))
     sim.step()                                                     # prefill "short"
     long = sim.add(make_req("long", 50, max_tokens=3, base=300))
     chunks = []
-    while long.num_computed_tokens < 50 or not chunks:
+    while long.num_computed_tokens < 50:
         out = sim.step()
-        if out.kind == "prefill":
-            assert [r.request_id for r in out.rows] == ["long"]
-            chunks.append((out.rows[0].start_pos, len(out.rows[0].token_ids), out.rows[0].sample))
-        else:
-            assert [r.request_id for r in out.rows] == ["short"]   # decode keeps flowing between chunks
-    assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True)]
-    kinds = [o.kind for o in sim.outs[1:]]
-    assert kinds.count("prefill") == 4
-    assert all(x != y for x, y in zip(kinds, kinds[1:])), kinds   # alternation while both have work
+        assert out.kind == "mixed" and [r.request_id for r in out.rows] == ["short", "long"]
+        assert out.num_tokens <= 16                                # the decode counts in the budget
+        r = out.rows[1]
+        chunks.append((r.start_pos, len(r.token_ids), r.sample))
+    assert chunks == [(0, 15, False), (15, 15, False), (30, 15, False), (45, 5, True)]
+    assert len(short.output_token_ids) == 1 + 4                   # short decoded in every one of those steps
+    sim.run()
+    sim.assert_clean()
+
+
+def test_long_prefill_threshold_caps_each_chunk():
+    sim = _Sim(make_sched(max_num_batched_tokens=64, long_prefill_token_threshold=8))
+    sim.add(make_req("run", 4, max_tokens=20, base=0))
+    sim.step()
+    for i in range(3):
+        sim.add(make_req(f"long{i}", 30, max_tokens=2, base=100 * (i + 1)))
+    out = sim.step()
+    # without the cap long0 would take 32 of the 63 tokens left; with it the three share the step
+    assert out.kind == "mixed" and [r.request_id for r in out.rows] == ["run", "long0", "long1", "long2"]
+    assert [len(r.token_ids) for r in out.rows] == [1, 8, 8, 8]
+    sim.run()                                                     # check_output asserts the cap every step
+    assert max(len(r.token_ids) for o in sim.outs for r in o.rows) == 8
+    assert len(sim.finished) == 4
+    sim.assert_clean()
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        make_sched(long_prefill_token_threshold=-1)
+
+
+def test_prefix_cache_hit_in_a_mixed_step():
+    sim = _Sim(make_sched())
+    shared = list(range(10, 30))                                   # 20 tokens = 5 blocks of 4
+    a = sim.add(Request("a", shared + [40], SamplingParams(max_tokens=10, ignore_eos=True), seed=0))
+    sim.step()
+    sim.step()                                                     # a decodes; its 5 full blocks are cached
+    b = sim.add(Request("b", shared + [41, 42], SamplingParams(max_tokens=2), seed=0))
+    out = sim.step()
+    assert out.kind == "mixed" and [r.request_id for r in out.rows] == ["a", "b"]
+    assert out.rows[1].start_pos == 20 and out.rows[1].token_ids == [41, 42] and b.num_cached_tokens == 20
+    assert sim.s.kv.block_table("b")[:5] == sim.s.kv.block_table("a")[:5]    # the same physical blocks
+    assert a.status is Status.RUNNING
     sim.run()
     sim.assert_clean()
 
@@ -158,9 +204,9 @@ def test_token_budget_counts_padding(budget):
     for i in range(12):
         sim.add(make_req(f"r{i}", rng.randint(1, 60), max_tokens=rng.randint(1, 5), base=i * 61))
     sim.run()                        # check_output asserts rows x longest chunk <= budget on every prefill
-    prefills = [o for o in sim.outs if o.kind == "prefill"]
-    assert any(len(o.rows) > 1 for o in prefills)
-    assert max(len(o.rows) * max(len(r.token_ids) for r in o.rows) for o in prefills) <= budget
+    prefills = [p for p in (split(o)[1] for o in sim.outs) if p]
+    assert any(len(p) > 1 for p in prefills)
+    assert max(len(p) * max(len(r.token_ids) for r in p) for p in prefills) <= budget
     assert len(sim.finished) == 12
     sim.assert_clean()
 
@@ -200,6 +246,28 @@ def test_preempts_newest_and_resumes_by_recompute():
     assert len(recompute[0].token_ids) >= 12 + n_out_b
     assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
     assert a.finish_reason == b.finish_reason == "length"
+    sim.assert_clean()
+
+
+def test_a_partial_prefill_is_preempted_for_a_running_decode():
+    # 8 usable blocks of 4: a (7 prompt) decodes; b (28 prompt) gets one 15-token chunk beside a's decode, then
+    # no block is left for its next chunk: decodes go on alone until a needs a block, and b (the newest) gives
+    # way mid-prefill; nothing is admitted in that step, and b recomputes from 0 once a is done
+    sim = _Sim(make_sched(num_blocks=9, max_model_len=32, max_num_batched_tokens=16, enable_prefix_caching=False))
+    a = sim.add(make_req("a", 7, max_tokens=20, base=0))
+    sim.step()
+    b = sim.add(make_req("b", 28, max_tokens=2, base=100))
+    out = sim.step()
+    assert out.kind == "mixed" and [(r.request_id, r.start_pos, len(r.token_ids)) for r in out.rows] == \
+        [("a", 7, 1), ("b", 0, 15)]
+    while not sim.outs[-1].preempted:
+        out = sim.step()
+        assert [r.request_id for r in out.rows] == ["a"] and b.num_computed_tokens in (15, 0)
+    assert out.preempted == ["b"] and out.kind == "decode" and b.status is Status.WAITING
+    assert b.num_computed_tokens == 0 and sim.s.kv.block_table("b") == []
+    sim.run()
+    again = [r for o in sim.outs for r in o.rows if r.request_id == "b" and r.start_pos == 0]
+    assert len(again) == 2 and len(b.output_token_ids) == 2 and len(a.output_token_ids) == 20
     sim.assert_clean()
 
 
@@ -276,3 +344,14 @@ def test_random_operations_keep_invariants(seed):
     sim.run()
     assert sim.finished and all(r.status is Status.FINISHED for r in sim.finished.values())
     sim.assert_clean()
+
+
+def test_chunked_prefill_flags_reach_the_scheduler_config():
+    from kiln.entrypoints.args import engine_kwargs
+    from kiln.entrypoints.cli import build_parser
+    kw = engine_kwargs(build_parser().parse_args(
+        ["serve", "--max-num-batched-tokens", "48", "--long-prefill-token-threshold", "12"]))
+    s = make_sched(max_num_batched_tokens=kw["max_num_batched_tokens"],
+                   long_prefill_token_threshold=kw["long_prefill_token_threshold"]).config.scheduler
+    assert (s.max_num_batched_tokens, s.long_prefill_token_threshold) == (48, 12)
+    assert engine_kwargs(build_parser().parse_args(["serve"]))["long_prefill_token_threshold"] == 0

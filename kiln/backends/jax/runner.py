@@ -199,6 +199,9 @@ class JaxRunner(ModelRunner):
 
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> StepResult:
+        return self._execute_mixed(step) if step.kind == "mixed" else self._execute_one_kind(step)
+
+    def _execute_one_kind(self, step: SchedulerOutput) -> StepResult:
         rows, bs = step.rows, self.config.cache.block_size
         if step.kind == "prefill" and any(r.scores for r in rows):
             return self._execute_score(step)
@@ -215,6 +218,21 @@ class JaxRunner(ModelRunner):
         args = self.placement.inputs(args)                           # global arrays on a mesh
         self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
         return self._sample(rows, logits, key.batch)
+
+    def _execute_mixed(self, step: SchedulerOutput) -> StepResult:
+        """A mixed step as the decode graph over its 1-token rows, then the prefill (or score) graph over its
+        chunks, back to back: only graphs warmup built. (One prefill bucket holding both would pad every decode
+        row to the chunk length: 16 decodes + a 128-token chunk is a [32, 128] bucket, over the default budget;
+        scripts/bench_mixed_jax.py measured both ways, see BENCHMARKS.md.)"""
+        dec = [i for i, r in enumerate(step.rows) if len(r.token_ids) == 1 and not r.scores]
+        pre = [i for i in range(len(step.rows)) if i not in set(dec)]
+        parts = [(idx, kind) for idx, kind in ((dec, "decode"), (pre, "prefill")) if idx]
+        results = [self._execute_one_kind(dataclasses.replace(step, kind=kind, rows=[step.rows[i] for i in idx],
+                                                    preempted=[])) for idx, kind in parts]
+        if len(results) == 1:
+            return results[0]
+        self._stats.steps -= 1                     # one engine step, counted once (its graphs per bucket each)
+        return merge_results([idx for idx, _ in parts], results, len(step.rows))
 
     def _sample(self, rows, logits, B: int) -> StepResult:
         """Tokens for the rows from logits [B, V] by the sampler graph of batch B (plain greedy or general)."""
@@ -233,3 +251,19 @@ class JaxRunner(ModelRunner):
             top = [list(zip(res.top_ids[i, :want_lp].tolist(), res.top_logprobs[i, :want_lp].tolist()))
                    for i in range(n)]
         return StepResult(res.tokens[:n].tolist(), res.logprobs[:n].tolist(), top)
+
+
+def merge_results(parts: list[list[int]], results: list[StepResult], n: int) -> StepResult:
+    """One StepResult of n rows from results of disjoint parts (row indexes per part). A list only some parts
+    returned (top-N, prompt logprobs, hidden) gets [] / None in the others' rows, which asked for none of it."""
+    def merge(field: str, fill):
+        if all(getattr(r, field) is None for r in results):
+            return None
+        out = [fill] * n
+        for idx, r in zip(parts, results):
+            vals = getattr(r, field)
+            for j, i in enumerate(idx):
+                out[i] = fill if vals is None else vals[j]
+        return out
+    return StepResult(merge("tokens", 0), merge("logprobs", 0.0), merge("top", []), merge("prompt_logprobs", None),
+                      merge("hidden", None))

@@ -3,6 +3,7 @@ on oneDNN/ATen CPU kernels and kiln's C++ kernels, and tokens sampled in torch (
 
     SchedulerOutput ──> backends/inputs.prepare_step over the real rows only (prefill rows padded to the
                         longest row of the step, decode rows one token each) ──> numpy arrays
+                        (a mixed step: TM.forward_mixed, its decode rows and prefill chunks in one forward)
                     ──> TM.forward (K/V written into the cache in place) ──> logits [n, V] float32
                         (a prefill with prompt-logprob or embedding rows: also every position's final-normed
                         hidden state ──> prompt logprobs through the head, pooled sums for StepResult.hidden)
@@ -80,6 +81,9 @@ class TorchRunner(ModelRunner):
 
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> StepResult:
+        return self._execute_mixed(step) if step.kind == "mixed" else self._execute_one_kind(step)
+
+    def _execute_one_kind(self, step: SchedulerOutput) -> StepResult:
         rows = step.rows
         T = _round_up(max(len(r.token_ids) for r in rows), PREFILL_ALIGN) if step.kind == "prefill" else 1
         x = I.prepare_step(rows, block_size=self.config.cache.block_size, batch=len(rows), seq_len=T,
@@ -100,6 +104,40 @@ class TorchRunner(ModelRunner):
                 h_last = h[torch.arange(len(rows)), torch.from_numpy(x.lens).long() - 1]            # [n, D]
                 res.hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
         return res
+
+    def _execute_mixed(self, step: SchedulerOutput) -> StepResult:
+        """Decode rows (one token, not scoring) and prefill chunks in one forward (TM.forward_mixed), sampled in
+        one call; the rows may come in any order (a fault-isolation half may hold only one kind)."""
+        dec = [i for i, r in enumerate(step.rows) if len(r.token_ids) == 1 and not r.scores]
+        pre = [i for i, r in enumerate(step.rows) if i not in set(dec)]
+        if not dec or not pre:
+            return self._execute_one_kind(dataclasses.replace(step, kind="prefill" if pre else "decode"))
+        order = dec + pre
+        rows = [step.rows[i] for i in order]
+        d_rows, p_rows = rows[:len(dec)], rows[len(dec):]
+        bs = self.config.cache.block_size
+        T = _round_up(max(len(r.token_ids) for r in p_rows), PREFILL_ALIGN)
+        xd = I.prepare_step(d_rows, block_size=bs, batch=len(d_rows), seq_len=1,
+                            table_width=max(len(r.block_table) for r in d_rows))
+        xp = I.prepare_step(p_rows, block_size=bs, batch=len(p_rows), seq_len=T,
+                            table_width=max(len(r.block_table) for r in p_rows))
+        score = any(r.scores for r in p_rows)
+        out = TM.forward_mixed(self.spec, self.params, self.k_cache, self.v_cache, bs, xd, xp,
+                               align=PREFILL_ALIGN, all_positions=score)
+        self._stats.add_step(f"mixed(decode={len(d_rows)}, prefill={len(p_rows)}, seq_len={T})", step.num_tokens,
+                             _round_up(step.num_tokens, PREFILL_ALIGN))
+        res = self._sample(rows, out[0] if score else out)
+        if score:
+            h, none = out[1], [None] * len(d_rows)
+            with torch.inference_mode():
+                if any(r.sampling_params.prompt_logprobs is not None for r in p_rows):
+                    res.prompt_logprobs = none + self._prompt_logprobs(p_rows, h)
+                if any(r.pooling is not None for r in p_rows):
+                    lens = torch.from_numpy(xp.lens).long()
+                    real = (torch.arange(T)[None, :] < lens[:, None])[..., None]                # [Bp, T, 1]
+                    h_last = h[torch.arange(len(p_rows)), lens - 1]                             # [Bp, D]
+                    res.hidden = none + I.pooled_hidden(p_rows, (h * real).sum(1).numpy(), h_last.numpy())
+        return _in_order(res, order)
 
     def _prompt_logprobs(self, rows, h: torch.Tensor) -> list:
         """StepResult.prompt_logprobs from every position's hidden state h [n, T, D] (rows that did not ask get
@@ -125,3 +163,13 @@ class TorchRunner(ModelRunner):
         if want_lp:
             top = [list(zip(i, v)) for i, v in zip(out.top_ids.tolist(), out.top_logprobs.tolist())]
         return StepResult(out.tokens.tolist(), out.logprobs.tolist(), top)
+
+
+def _in_order(res: StepResult, order: list[int]) -> StepResult:
+    """`res` of rows taken in `order` (a permutation of the step's rows) back in the step's own order."""
+    if order == sorted(order):
+        return res
+    inv = sorted(range(len(order)), key=order.__getitem__)
+    pick = lambda xs: None if xs is None else [xs[j] for j in inv]
+    return StepResult(pick(res.tokens), pick(res.logprobs), pick(res.top), pick(res.prompt_logprobs),
+                      pick(res.hidden))
