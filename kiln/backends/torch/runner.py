@@ -52,9 +52,9 @@ class TorchRunner(ModelRunner):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
         dtype = DTYPES[config.dtype]
         q = config.model.quantization
-        int4 = q in ("auto", "exact")    # exact quantised copies (weights.load_weights decides)
+        int4 = q in ("auto", "exact", "blocks")    # exact quantised copies (weights.load_weights decides)
         self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len,
-                                               int8_act=q == "auto"))
+                                               int8_act=q != "exact", dense=q != "blocks"))
 
     def _setup(self, spec: ModelSpec, config: EngineConfig, weights: Weights) -> None:
         self.spec, self.params, self.config = spec, weights, config
