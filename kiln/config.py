@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16")
-QUANTIZATIONS = ("auto", "none")
+QUANTIZATIONS = ("auto", "exact", "blocks", "none")
 PREFILL_STRATEGIES = ("min_tokens", "max_bs")
 DECODE_STRATEGIES = ("max_bs", "min_tokens")
 BUCKET_DIMS = ("PROMPT_BS", "PROMPT_SEQ", "DECODE_BS", "DECODE_BLOCK")
@@ -163,7 +163,9 @@ class ModelConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"                  # auto: float32 for XLA on CPU (its f32 dots are fastest), else bfloat16
     backend: str = "auto"                # auto | jax | torch (backends/platform.resolve_backend)
-    quantization: str = "auto"           # auto: torch keeps GGUF legacy-quant blocks exactly (small steps) | none
+    quantization: str = "auto"           # auto: torch keeps GGUF legacy-quant blocks exactly (small steps),
+    #                                        int8 activations | exact: the same, float32 activations |
+    #                                        blocks: auto without the dense copies (every step) | none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -7,6 +7,7 @@ under --dir (never in the repository). llama.cpp is the peers' llama-cpp-python 
 
     .venv/bin/python scripts/bench_quant.py [--types Q8_0,Q5_0,Q4_0,Q4_1] [--dtype float32] [--kernels-only]
                                             [--threads 1]   # tokens per CPU second too: robust on a busy machine
+                                            [--quantization blocks]   # kiln without the dense copies
 
 Per file: kiln and llama.cpp tok/s and their ratio, the weight bytes a 1-token step reads (kiln: its layer copies
 and head; llama.cpp: every tensor of the file, the embedding as the tied head), resident weight bytes, and the
@@ -89,9 +90,10 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), time.thread_time()
 
 
-def kiln_w2(path: Path, dtype: str, out_len: int) -> dict:
+def kiln_w2(path: Path, dtype: str, out_len: int, quantization: str = "auto") -> dict:
     from kiln import LLM, SamplingParams
-    llm = LLM(model=str(path), backend="torch", dtype=dtype, max_num_seqs=1, max_model_len=512)
+    llm = LLM(model=str(path), backend="torch", dtype=dtype, max_num_seqs=1, max_model_len=512,
+              quantization=quantization)
     tok = llm.tokenizer.encode(PROMPT)
     sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     llm.generate([tok], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -155,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default="Q8_0,Q5_0,Q4_0,Q4_1")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="auto", help="kiln's --quantization (auto, exact, blocks)")
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--dir", default="~/.cache/kiln/bench-quant")
     ap.add_argument("--peers", default=os.environ.get("PEERS", "~/.cache/kiln-peers"))
@@ -177,7 +180,7 @@ def main() -> None:
     peers = Path(a.peers).expanduser()
     for qtype in a.types.split(","):
         path = DEFAULT if qtype == "Q4_1" else make_gguf(DEFAULT, d / f"SmolLM2-135M-Instruct.{qtype}.gguf", qtype)
-        k = kiln_w2(path, a.dtype, a.out_len) if a.skip != "kiln" else None
+        k = kiln_w2(path, a.dtype, a.out_len, a.quantization) if a.skip != "kiln" else None
         ll = llamacpp_w2(path, a.out_len, peers, threads) if a.skip != "llamacpp" else None
         if k is None:
             print("RESULT " + json.dumps({"file": path.name, "llamacpp": ll, "threads": threads,

@@ -27,8 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache dtype; auto = the compute dtype (torch backend: float32 also possible)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="auto: the torch backend keeps GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights as their exact "
-                        "blocks (where they are recovered bit-exactly) for steps of few tokens; none: dense "
-                        "weights only (default: auto)")
+                        "blocks (where they are recovered bit-exactly) for steps of few tokens, the activations "
+                        "rounded to int8 per block of 32 (llama.cpp's method); exact: the same blocks with "
+                        "float32 activations (slower); blocks: as auto with no dense copy beside the blocks "
+                        "(they serve every step size: far less memory, slower prefill); none: dense weights "
+                        "only (default: auto)")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "
                    "(default: min(model limit, 2048))")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default: 64)")

@@ -18,7 +18,7 @@ from gguf.quants import dequantize, quantize
 
 from kiln.backends.torch import kernels
 from kiln.backends.torch.quant import FORMATS, recover
-from kiln.backends.torch.weights import QUANT_M, Linear
+from kiln.backends.torch.weights import QUANT_M, Linear, load_weights
 
 TYPES = {"q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1, "q8_0": QT.Q8_0}
 AFFINE = ("q4_1", "q5_1")          # blocks with a stored min (d and m are 2 + 2 bytes)
@@ -118,7 +118,9 @@ def test_linear_uses_the_blocks_below_the_crossover_and_dense_above():
     _, deq = gguf_weights("q5_0", 40, 64)
     w = torch.from_numpy(deq)
     bias = torch.randn(40)
-    lin = Linear.of(w.clone(), bias, quant=recover(w))
+    q = recover(w)
+    q.int8_act = False                 # float32 activations: the products within float32 rounding of float64's
+    lin = Linear.of(w.clone(), bias, quant=q)
     x = torch.randn(QUANT_M + 1, 64)
     small = lin(x[:3])
     assert torch.equal(small, lin.quant(x[:3]) + bias)
@@ -126,6 +128,9 @@ def test_linear_uses_the_blocks_below_the_crossover_and_dense_above():
     assert torch.allclose(small.double(), ref[:3], atol=1e-4)
     assert torch.allclose(lin(x).double(), ref, atol=1e-4)                # dense oneDNN (no blocks used)
     assert lin.bytes_read(1) == lin.quant.nbytes < lin.bytes_read(QUANT_M) == w.nbytes
+    blocks = Linear.of(None, bias, quant=q)                               # no dense copy: blocks at every size
+    assert torch.equal(blocks(x), blocks.quant(x) + bias) and torch.allclose(blocks(x).double(), ref, atol=1e-4)
+    assert blocks.bytes_read(QUANT_M) == blocks.resident_bytes - bias.nbytes == blocks.quant.nbytes
 
 
 # ---- end to end: a tiny Llama as a GGUF with block-quantised layers ----
@@ -185,22 +190,39 @@ def test_quantised_llama_gguf_greedy_matches_transformers(tmp_path):
     missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in deq.items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}          # tied: the head is the embedding
     llm = LLM(model=str(tmp_path / "m.gguf"), backend="torch", dtype="float32", max_model_len=64,
-              kv_cache_gib=0.01, max_num_seqs=2, warmup=False, allow_lazy_compile=True)
+              kv_cache_gib=0.01, max_num_seqs=2, warmup=False, allow_lazy_compile=True, quantization="exact")
     L = llm.engine.spec.num_layers
     assert llm.engine.runner.params.quant_formats() == {"q8_0": 2 * L, "q5_0": L, "q4_1": L}
+    assert not any(q.int8_act for q in quant_weights(llm.engine.runner.params))     # exact: float32 activations
     prompts = [prompt(n, 258, seed=3) for n in (4, 21)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     for p, o in zip(prompts, outs):
         want = hf_greedy(hf, p, 8)
         assert len(set(want)) > 2, want
         assert o.outputs[0].token_ids == want, f"kiln {o.outputs[0].token_ids} != transformers {want}"
-    # bf16 with the quantised copies (int8 activations on the Q8_0 / Q5_0 blocks, ATen's int4 on the Q4_1
-    # ones): a one-token decode step's logits within 5% of their range of float32 transformers', same argmax
-    fwd = TorchForward(llm.engine.spec, {k: v for k, v in deq.items()}, torch.bfloat16, int4=True)
-    assert fwd.w.quant_formats() == {"q8_0": 2 * L, "q5_0": L}
+    # the default method (llama.cpp's: activations rounded to int8 per block of 32, a relative error of at
+    # most 1/254 of each block's largest |x|): float32, every block format; bf16, where ATen's int4 serves
+    # the Q4_1 ones. A one-token decode step's logits within 2% (float32) / 5% (bf16: bf16 weights and
+    # activations elsewhere) of their range of float32 transformers', the same argmax.
     ids = prompts[1]
-    fwd.step([(ids[:-1], 0)])
-    got = fwd.step([([ids[-1]], len(ids) - 1)])[0]
     ref = hf_logits(hf, ids)[-1]
+    for dtype, formats, tol in ((torch.float32, {"q8_0": 2 * L, "q5_0": L, "q4_1": L}, 0.02),
+                                (torch.bfloat16, {"q8_0": 2 * L, "q5_0": L}, 0.05)):
+        fwd = TorchForward(llm.engine.spec, {k: v for k, v in deq.items()}, dtype, int4=True)
+        assert fwd.w.quant_formats() == formats and all(q.int8_act for q in quant_weights(fwd.w))
+        fwd.step([(ids[:-1], 0)])
+        got = fwd.step([([ids[-1]], len(ids) - 1)])[0]
+        err = np.max(np.abs(got - ref)) / (np.max(ref) - np.min(ref))
+        assert err < tol and got.argmax() == ref.argmax(), (dtype, err)
+    # --quantization blocks: no dense copy beside the blocks; a 21-token prefill (> QUANT_M) runs on them too
+    dense_bytes = TorchForward(llm.engine.spec, deq, torch.float32, True).w.resident_bytes
+    fwd.w = load_weights(llm.engine.spec, deq, torch.float32, True, 256, dense=False)
+    assert all(lin.weight is None and lin.quant is not None for lin in fwd.w.projections())
+    assert fwd.w.resident_bytes < dense_bytes - sum(q.nbytes for q in quant_weights(fwd.w)) * 3
+    got = fwd.step([(ids, 0)])[0]
     err = np.max(np.abs(got - ref)) / (np.max(ref) - np.min(ref))
-    assert err < 0.05 and got.argmax() == ref.argmax(), err
+    assert err < 0.02 and got.argmax() == ref.argmax(), err
+
+
+def quant_weights(w) -> list:
+    return [lin.quant for lin in w.projections() + [w.head] if lin.quant is not None]

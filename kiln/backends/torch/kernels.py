@@ -66,7 +66,10 @@ def load_quant():
 
 def _build(name: str, source: Path, cflags: list[str]):
     from torch.utils import cpp_extension
-    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + torch.__file__.encode()
+    text = source.read_text()
+    headers = [h for h in sorted(source.parent.glob("*.h")) if f'#include "{h.name}"' in text]   # travel with it
+    key = hashlib.sha256(source.read_bytes() + b"".join(h.read_bytes() for h in headers)
+                         + torch.__version__.encode() + torch.__file__.encode()
                          + " ".join(cflags).encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     build = cache_dir() / "kernels" / f"{'cpu' if name == 'kiln_cpu_kernels' else name}-{key}"
     build.mkdir(parents=True, exist_ok=True)
@@ -76,11 +79,12 @@ def _build(name: str, source: Path, cflags: list[str]):
         lock.unlink(missing_ok=True)
     if not (build / f"{name}.so").exists():
         log.info("building kiln's CPU kernels %s for this machine (once, ~25 s) into %s", source.name, build)
-    copy = build / source.name               # compiled from a copy: the build then names no checkout's path, so
-    if not copy.exists() or copy.read_bytes() != source.read_bytes():   # checkouts of one source share it
-        tmp = build / f".{source.name}.{os.getpid()}"
-        tmp.write_bytes(source.read_bytes())
-        os.replace(tmp, copy)
+    for src in [*headers, source]:           # compiled from a copy: the build then names no checkout's path, so
+        copy = build / src.name              # checkouts of one source share it
+        if not copy.exists() or copy.read_bytes() != src.read_bytes():
+            tmp = build / f".{src.name}.{os.getpid()}"
+            tmp.write_bytes(src.read_bytes())
+            os.replace(tmp, copy)
     t0 = time.perf_counter()
     try:
         mod = cpp_extension.load(name=name, sources=[str(copy)], extra_cflags=cflags,

@@ -12,8 +12,10 @@ arithmetic, d and m float16, u integer codes), so the blocks can be recovered fr
 
 `recover` finds the first format (fewest bytes first) whose recovered blocks reproduce every value of the
 tensor bit for bit, else None (the tensor then stays dense): never a lossy re-quantisation. `QuantWeight`
-holds the blocks in llama.cpp's packing (csrc/quant.cpp) and multiplies by them there: the activations are
-rounded to int8 per block of 32 (llama.cpp's method), the products summed in int32.
+holds the blocks in llama.cpp's packing (csrc/quant.cpp) and multiplies by them there: by default the
+activations are rounded to int8 per block of 32 once per call (llama.cpp's method, in both compute dtypes), the
+products summed in int32; with int8_act False (`--quantization exact`) they stay float32 (the weights are
+gguf's exactly, float32 rounding only; ~2x the work per weight).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class QuantWeight:
     d: torch.Tensor               # float16 [N, K/32]
     m: torch.Tensor | None = None     # float16 [N, K/32] (q4_1, q5_1)
     qh: torch.Tensor | None = None    # int32 [N, K/32], bit j = bit 4 of u_j (q5_0, q5_1)
+    int8_act: bool = True             # the default activation method of __call__
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,11 +73,11 @@ class QuantWeight:
         return w.reshape(N, K)
 
     def __call__(self, x: torch.Tensor, int8_act: bool | None = None) -> torch.Tensor:
-        """x [M, K] -> x @ W^T [M, N] in x's dtype, by csrc/quant.cpp. int8_act (default: x is not float32):
+        """x [M, K] -> x @ W^T [M, N] in x's dtype, by csrc/quant.cpp. int8_act (default: self.int8_act):
         round the activations to int8 per block (llama.cpp's method), else keep them float32."""
         from kiln.backends.torch import kernels
         fmt, _, off, _ = FORMATS[self.fmt]
-        i8 = x.dtype != torch.float32 if int8_act is None else int8_act
+        i8 = self.int8_act if int8_act is None else int8_act
         y = kernels.load_quant().quant_matmul(x.float().contiguous(), self.codes, self.qh, self.d, self.m, fmt,
                                               float(off or 0), i8)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

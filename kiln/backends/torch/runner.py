@@ -52,8 +52,10 @@ class TorchRunner(ModelRunner):
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         kernels.load()                       # build (first run on this machine) or load the CPU kernels now
         dtype = DTYPES[config.dtype]
-        int4 = config.model.quantization == "auto"    # exact quantised copies (weights.load_weights decides)
-        self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len))
+        q = config.model.quantization
+        int4 = q in ("auto", "exact", "blocks")    # exact quantised copies (weights.load_weights decides)
+        self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len,
+                                               int8_act=q != "exact", dense=q != "blocks"))
 
     def _setup(self, spec: ModelSpec, config: EngineConfig, weights: Weights) -> None:
         self.spec, self.params, self.config = spec, weights, config

@@ -10,7 +10,8 @@ re-scores every row's top logits in float32 from the exact head weights.
 
 Every other legacy GGUF block format (Q4_0, Q5_0, Q5_1, Q8_0; Q4_1 too when the int4 copy is not kept, as in
 float32) is recovered exactly from the dequantised values as its GGUF blocks (quant.py) and multiplied by
-kiln's own kernel (csrc/quant.cpp) in steps of fewer than QUANT_M tokens.
+kiln's own kernel (csrc/quant.cpp) in steps of fewer than QUANT_M tokens, the activations rounded to int8 per
+block (llama.cpp's method) unless `int8_act` is False (`--quantization exact`).
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def pack(w: torch.Tensor) -> torch.Tensor | None:
 
 @dataclasses.dataclass
 class Linear:
-    weight: torch.Tensor                                  # [out, in], compute dtype (oneDNN-packed if `packed`)
+    weight: torch.Tensor | None                           # [out, in], compute dtype (oneDNN-packed if `packed`);
+    #                                                       None: no dense copy, the blocks serve every step
     bias: torch.Tensor | None = None                      # [out]
     int4: tuple[torch.Tensor, torch.Tensor] | None = None # lossless_int4's result, when kept
     packed: bool = False
@@ -71,8 +73,8 @@ class Linear:
     quant: QuantWeight | None = None                      # the exact GGUF blocks of the weight, when kept
 
     @classmethod
-    def of(cls, w: torch.Tensor, bias: torch.Tensor | None = None, int4=None, quant=None) -> "Linear":
-        p = pack(w)
+    def of(cls, w: torch.Tensor | None, bias: torch.Tensor | None = None, int4=None, quant=None) -> "Linear":
+        p = pack(w) if w is not None else None
         return cls(w if p is None else p, bias, int4, p is not None, quant=quant)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ class Linear:
         if x.shape[0] < SMALL_M and self.int4 is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4[0], GROUP, self.int4[1])
             return y if self.bias is None else y + self.bias
-        if x.shape[0] < QUANT_M and self.quant is not None:
+        if self.quant is not None and (x.shape[0] < QUANT_M or self.weight is None):
             y = self.quant(x)
             return y if self.bias is None else y + self.bias
         if x.shape[0] < SMALL_M and self.int8 is not None:
@@ -94,7 +96,7 @@ class Linear:
         """Weight bytes one call with m input rows reads."""
         if m < SMALL_M and (self.int4 or self.int8):
             return sum(t.nbytes for t in (self.int4 or self.int8))
-        if m < QUANT_M and self.quant is not None:
+        if self.quant is not None and (m < QUANT_M or self.weight is None):
             return self.quant.nbytes
         return self.weight.nbytes
 
@@ -191,16 +193,25 @@ def rope_tables(spec: ModelSpec, max_pos: int) -> tuple[list[tuple[torch.Tensor,
     return tables, [specs.index(l.attention.rope) for l in spec.layers]
 
 
+def _with_act(q: QuantWeight | None, int8_act: bool) -> QuantWeight | None:
+    if q is not None:
+        q.int8_act = int8_act
+    return q
+
+
 def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.dtype, int4: bool,
-                 max_pos: int) -> Weights:
+                 max_pos: int, int8_act: bool = True, dense: bool = True) -> Weights:
     """HF-named float32 tensors -> Weights, one Layer per LayerSpec (kiln's layout, models/layout.py: fused
     qkv and gate_up, biases where the spec has them); `int4` keeps quantised copies where they are exact:
-    lossless 4-bit copies (bf16), else the GGUF blocks of a projection's weight (quant.py)."""
+    lossless 4-bit copies (bf16), else the GGUF blocks of a projection's weight (quant.py), multiplied with
+    int8-rounded activations (`int8_act`, llama.cpp's method) or float32 ones. `dense` False: a projection
+    kept as blocks has no dense copy beside them (the block kernel serves every step size)."""
     spec.check_supported("torch", IMPLEMENTED)
     from kiln.backends.torch import kernels
     blocks = int4 and kernels.load_quant() is not None      # the GGUF-block kernel is built for this CPU
     int4 = int4 and dtype == torch.bfloat16                 # ATen's int4 kernel and the int8 head: bf16 only
     src = source_tensors(spec, tensors)
+    recover_ = lambda w: _with_act(recover(w), int8_act)
     # memory-mapped safetensors are read-only; every tensor made here is copied (cast, packed) or only read
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     t = lambda w: torch.from_numpy(w)
@@ -209,7 +220,8 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
         w = t(src.layer(i, name)) if w is None else w                      # [out, in] float32
         b = t(src.layer(i, name + "_bias")).to(dtype) if bias else None
         i4 = lossless_int4(w) if int4 else None
-        return Linear.of(w.to(dtype).contiguous(), b, i4, recover(w) if blocks and i4 is None else None)
+        q = recover_(w) if blocks and i4 is None else None
+        return Linear.of(None if q is not None and not dense else w.to(dtype).contiguous(), b, i4, q)
 
     def moe(i: int, mlp: MoeSpec) -> dict:
         E = mlp.num_experts
@@ -242,7 +254,9 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
         scale = head32.abs().amax(1).clamp(min=1e-12) / 127                  # [V]
         head.int8 = ((head32 / scale[:, None]).round().to(torch.int8).contiguous(), scale.to(dtype))
     elif blocks:   # float32: the head's exact blocks (a GGUF's token_embd / output), float32 activations
-        head.quant = recover(head32)
+        head.quant = recover_(head32)
+        if head.quant is not None and not dense and not spec.tie_word_embeddings:
+            head.weight, head.packed = None, False
     w = Weights(embed, t(src.get("final_norm")) + plus, head, head32 if dtype != torch.float32 else None,
                 layers, ropes)
     if int4:
@@ -252,8 +266,9 @@ def load_weights(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype: torch.d
         fmts = w.quant_formats()
         if head.quant is not None:
             log.info("kept the head as its exact GGUF blocks (%s)", head.quant.fmt)
-        log.info("kept %d of %d layer projections as their exact GGUF blocks (%s)", sum(fmts.values()),
-                 len(w.projections()), ", ".join(f"{k}: {v}" for k, v in sorted(fmts.items())) or "none")
+        log.info("kept %d of %d layer projections as their exact GGUF blocks (%s); activations %s", sum(fmts.values()),
+                 len(w.projections()), ", ".join(f"{k}: {v}" for k, v in sorted(fmts.items())) or "none",
+                 "rounded to int8 per block (llama.cpp's method)" if int8_act else "float32")
     log.info("resident weight bytes: %.1f MB (%s); a 1-token step reads %.1f MB", w.resident_bytes / 1e6,
              dtype, w.bytes_read(1) / 1e6)
     return w

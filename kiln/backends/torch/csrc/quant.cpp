@@ -11,17 +11,18 @@
 //   d, m                float16 [N, K/32]       (m absent: -off * d)
 //
 // The method is llama.cpp's: each activation row x [K] is rounded per block of 32 to int8 codes a with one
-// float32 scale s (s = amax / 127, a = round-half-even(x / s)), so that a block's contribution is
+// float32 scale s (s = amax / 127, a = round-half-even(x / s)), once per call, so that a block's contribution is
 //   d s sum_j u_j a_j + m s sum_j a_j
-// with the integer sum exact in int32. AVX2 computes it with maddubs (u8 x s8 -> s16 pairs) + madd; AVX-512
-// VNNI / AVX-VNNI with one dpbusd; a portable scalar loop elsewhere. The instruction set is fixed when the
-// module is built for the host CPU (-march=native, kernels.py), which is the CPU-feature dispatch. Output rows
-// are shared among threads (at::parallel_for); each thread serves all activation rows, MT at a time, so a
-// weight block is loaded once per MT rows.
+// with the integer sum exact in int32 (the m term is summed once per row after the blocks, 8 blocks a vector).
+// AVX2 (quant_avx2.h): maddubs (u8 x s8 -> s16 pairs) + madd, two blocks of a 4/5-bit row per 256-bit step
+// against the activations laid out once per call to match the nibble order; AVX-512 VNNI / AVX-VNNI: dpbusd.
+// Several output rows per pass (4 at one activation row, 2 at 2-4), the activation rows MT at a time. The
+// instruction set is fixed when the module is built for the host CPU (-march=native, kernels.py), which is the
+// CPU-feature dispatch; a portable scalar loop elsewhere. Output rows are shared among threads
+// (at::parallel_for, a few tens of thousands of weights at least per thread).
 //
 // The second method (int8_act false) keeps the activations float32 and converts each weight block's codes to
-// float32 in registers: d sum_j u_j x_j + m sum_j x_j, the weights exactly gguf's, float32 rounding only
-// (the float32 model's numerics; the int8 method is ~2x less work per weight).
+// float32 in registers: d sum_j u_j x_j + m sum_j x_j, the weights exactly gguf's, float32 rounding only.
 //
 //   quantize_rows(x [M, K] float32) -> (a int8 [M, K], s float32 [M, K/32], sa float32 [M, K/32] = s * sum a)
 //   quant_matmul(x [M, K] float32, codes, qh, d, m, fmt, off, int8_act) -> y [M, N] float32
@@ -30,6 +31,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -39,30 +41,69 @@ namespace {
 constexpr int QK = 32;
 constexpr int MT = 4;   // activation rows served per pass over a weight row
 
+inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
+
+#if defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+// One block of 32 activations -> int8 codes a, scale s, s * sum(a) (llama.cpp's quantize_row_q8_0 rounding).
+inline void quantize_block(const float* xb, int8_t* a, float* s, float* sa) {
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float d = amax / 127.f;
+  const __m256 id = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
+  __m256i q[4], sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = _mm256_add_epi32(sum, q[i]);
+  }
+  __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   // undo the lane interleave
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), p);
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *s = d;
+  *sa = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+#else
+  float amax = 0.f;
+  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+  const float d = amax / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  int sum = 0;
+  for (int j = 0; j < QK; ++j) {
+    const int q = static_cast<int>(std::nearbyint(xb[j] * id));   // round half to even (default mode)
+    a[j] = static_cast<int8_t>(q);
+    sum += q;
+  }
+  *s = d;
+  *sa = d * static_cast<float>(sum);
+#endif
+}
+
 void quantize_rows_impl(const float* x, int64_t M, int64_t K, int8_t* a, float* s, float* sa) {
-  const int64_t nb = K / QK;
-  at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xb = x + i * QK;        // rows are contiguous, so block i of the flat [M * nb] blocks
-      float amax = 0.f;
-      for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float d = amax / 127.f;
-      const float id = d != 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int j = 0; j < QK; ++j) {
-        const int q = static_cast<int>(std::nearbyint(xb[j] * id));   // round half to even (default mode)
-        a[i * QK + j] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      s[i] = d;
-      sa[i] = d * static_cast<float>(sum);
-    }
+  const int64_t nb = K / QK;   // rows are contiguous: block i of the flat [M * nb] blocks
+  at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) quantize_block(x + i * QK, a + i * QK, s + i, sa + i);
   });
 }
 
-inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
-
-// The 32 codes of block b of a weight row, as 32 bytes (fmt 4/5: unsigned; fmt 8: signed).
+// The 32 codes of block b of a weight row, as integers (fmt 4/5: unsigned; fmt 8: signed).
 template <int FMT>
 inline void codes_scalar(const uint8_t* row, const int32_t* qh, int64_t b, int32_t* u) {
   if (FMT == 8) {
@@ -78,71 +119,18 @@ inline void codes_scalar(const uint8_t* row, const int32_t* qh, int64_t b, int32
   }
 }
 
-#if defined(__AVX2__)
+}  // namespace
+
+#include "quant_avx2.h"
+
+namespace {
+
+// Portable int8-activation path: y[m0 + t, n] for t < mt, one weight row.
 template <int FMT>
-inline __m256i codes_avx2(const uint8_t* row, const int32_t* qh, int64_t b) {
-  if (FMT == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * QK));
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * (QK / 2)));
-  __m256i u = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1),
-                               _mm256_set1_epi8(0x0F));   // bytes 0..15: low nibbles, 16..31: high nibbles
-  if (FMT == 5) {                                           // byte j |= 0x10 where bit j of qh is set
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-    __m256i bits = _mm256_shuffle_epi8(_mm256_set1_epi32(qh[b]), shuf);
-    bits = _mm256_or_si256(bits, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    bits = _mm256_cmpeq_epi8(bits, _mm256_set1_epi64x(-1));
-    u = _mm256_or_si256(u, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
-  }
-  return u;
-}
-
-// 8 int32 partial sums of u_j * a_j; u unsigned bytes (the sign of a signed u is moved onto a first).
-inline __m256i dot_u8s8(__m256i u, __m256i a) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, a);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
-#endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-#endif
-
-// y[m0 + t, n] for t < mt, one weight row n (row: its codes, qh, d, mn; mn null: m = -off d).
-// mt (<= MT) is a template argument: the per-row accumulators then live in registers.
-template <int FMT, int mt>
-void row_dot_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
-               const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, float* out) {
+void row_dot_scalar(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
+                    const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, int mt, float* out) {
   const int64_t nb = K / QK;
-  float macc[mt] = {};
-#if defined(__AVX2__)
-  __m256 acc0[mt], acc1[mt];
-  for (int t = 0; t < mt; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, __m256* acc) {
-    __m256i u = codes_avx2<FMT>(row, qh, b);
-    const float dw = h2f(d + b);
-    __m256i sgn = u;
-    if (FMT == 8) u = _mm256_sign_epi8(u, u);                   // |u|; a takes u's sign below
-    for (int t = 0; t < mt; ++t) {
-      const int64_t r = (m0 + t) * nb + b;
-      __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * QK));
-      if (FMT == 8) av = _mm256_sign_epi8(av, sgn);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, av)), _mm256_set1_ps(dw * s[r]), acc[t]);
-      if (FMT != 8) macc[t] += (mn ? h2f(mn + b) : -off * dw) * sa[r];
-    }
-  };
-  int64_t b = 0;
-  for (; b + 1 < nb; b += 2) { block(b, acc0); block(b + 1, acc1); }   // two chains: fmadd latency hidden
-  if (b < nb) block(b, acc0);
-  for (int t = 0; t < mt; ++t) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + macc[t];
-#else
-  float acc[mt] = {};
+  float acc[MT] = {}, macc[MT] = {};
   int32_t u[QK];
   for (int64_t b = 0; b < nb; ++b) {
     codes_scalar<FMT>(row, qh, b, u);
@@ -156,10 +144,9 @@ void row_dot_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const a
     }
   }
   for (int t = 0; t < mt; ++t) out[t] = acc[t] + macc[t];
-#endif
 }
 
-// As row_dot, float32 activations x [M, K] with per-block sums xs [M, K/32].
+// float32 activations x [M, K] with per-block sums xs [M, K/32]; weights dequantised in registers.
 template <int FMT, int mt>
 void row_dot_f32_t(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
                    const float* x, const float* xs, int64_t K, int64_t m0, float* out) {
@@ -207,17 +194,6 @@ void row_dot_f32_t(const uint8_t* row, const int32_t* qh, const at::Half* d, con
 }
 
 template <int FMT>
-void row_dot(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
-             const int8_t* a, const float* s, const float* sa, int64_t K, int64_t m0, int mt, float* out) {
-  switch (mt) {
-    case 1: return row_dot_t<FMT, 1>(row, qh, d, mn, off, a, s, sa, K, m0, out);
-    case 2: return row_dot_t<FMT, 2>(row, qh, d, mn, off, a, s, sa, K, m0, out);
-    case 3: return row_dot_t<FMT, 3>(row, qh, d, mn, off, a, s, sa, K, m0, out);
-    default: return row_dot_t<FMT, 4>(row, qh, d, mn, off, a, s, sa, K, m0, out);
-  }
-}
-
-template <int FMT>
 void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const at::Half* mn, float off,
                  const float* x, const float* xs, int64_t K, int64_t m0, int mt, float* out) {
   switch (mt) {
@@ -228,12 +204,27 @@ void row_dot_f32(const uint8_t* row, const int32_t* qh, const at::Half* d, const
   }
 }
 
+// at least this many weights per thread: below it the threads' start-up costs more than they save
+constexpr int64_t MIN_WEIGHTS_PER_THREAD = 1 << 16;
+
 template <int FMT, bool I8>
 void matmul_impl(const int8_t* a, const float* s, const float* sa, const float* x, int64_t M, int64_t K,
                  const uint8_t* codes, const int32_t* qh, const at::Half* d, const at::Half* mn, float off, int64_t N,
                  float* y) {
   const int64_t nb = K / QK, row_bytes = FMT == 8 ? K : K / 2;
-  const int64_t grain = std::max<int64_t>(1, N / (4 * at::get_num_threads()));
+#if defined(__AVX2__)
+  if (I8) {
+    const PairActs acts = FMT == 8 ? PairActs() : pair_layout(a, s, M, nb);
+    const int64_t tiles = (N + 3) / 4, grain = std::max<int64_t>(1, MIN_WEIGHTS_PER_THREAD / (4 * K));
+    at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scratch(4 * ((nb + 1) / 2) * 8 + 4 * nb + 8);
+      const RowArgs w{codes, qh, d, mn, off, nb, row_bytes};
+      matmul_rows_avx2<FMT>(w, acts, a, s, sa, M, 4 * i0, std::min(N, 4 * i1), N, y, scratch.data());
+    });
+    return;
+  }
+#endif
+  const int64_t grain = std::max<int64_t>(1, MIN_WEIGHTS_PER_THREAD / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     float out[MT];
     for (int64_t n = n0; n < n1; ++n) {
@@ -242,7 +233,7 @@ void matmul_impl(const int8_t* a, const float* s, const float* sa, const float* 
         const uint8_t* row = codes + n * row_bytes;
         const int32_t* h = qh ? qh + n * nb : nullptr;
         const at::Half* mr = mn ? mn + n * nb : nullptr;
-        if (I8) row_dot<FMT>(row, h, d + n * nb, mr, off, a, s, sa, K, m0, mt, out);
+        if (I8) row_dot_scalar<FMT>(row, h, d + n * nb, mr, off, a, s, sa, K, m0, mt, out);
         else row_dot_f32<FMT>(row, h, d + n * nb, mr, off, x, sa, K, m0, mt, out);
         for (int t = 0; t < mt; ++t) y[(m0 + t) * N + n] = out[t];
       }
@@ -282,12 +273,21 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor codes, c10::optional<t
     TORCH_CHECK(qh->scalar_type() == torch::kInt32 && qh->is_contiguous() && qh->sizes() == d.sizes(),
                 "qh: int32 [N, K/32]");
   std::vector<torch::Tensor> q;
-  if (int8_act) q = quantize_rows(x);
-  else q = {torch::Tensor(), torch::Tensor(), x.view({M, nb, QK}).sum(-1).contiguous()};   // block sums
+  const float* xp = x.data_ptr<float>();
+  if (int8_act) {
+    q = quantize_rows(x);
+  } else {                                                  // per-block sums of the float32 activations
+    q = {torch::Tensor(), torch::Tensor(), torch::empty({M, nb}, x.options())};
+    float* xs = q[2].data_ptr<float>();
+    for (int64_t i = 0; i < M * nb; ++i) {
+      float t = 0.f;
+      for (int j = 0; j < QK; ++j) t += xp[i * QK + j];
+      xs[i] = t;
+    }
+  }
   auto y = torch::empty({M, N}, x.options());
   const int8_t* a = int8_act ? q[0].data_ptr<int8_t>() : nullptr;
   const float *s = int8_act ? q[1].data_ptr<float>() : nullptr, *sa = q[2].data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
   const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.data_ptr());
   const int32_t* h = qh.has_value() ? qh->data_ptr<int32_t>() : nullptr;
   const at::Half* dp = d.data_ptr<at::Half>();
