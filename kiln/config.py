@@ -164,8 +164,8 @@ class ModelConfig:
     dtype: str = "auto"                  # auto: float32 for XLA on CPU (its f32 dots are fastest), else bfloat16
     backend: str = "auto"                # auto | jax | torch (backends/platform.resolve_backend)
     quantization: str = "auto"           # auto: torch keeps GGUF legacy-quant blocks exactly (small steps),
-    #                                        int8 activations | exact: the same, float32 activations |
-    #                                        blocks: auto without the dense copies (every step) | none
+    #                                        int8 activations in bfloat16, float32 ones in float32 | exact: float32
+    #                                        activations | blocks: auto without the dense copies | none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -54,8 +54,9 @@ class TorchRunner(ModelRunner):
         dtype = DTYPES[config.dtype]
         q = config.model.quantization
         int4 = q in ("auto", "exact", "blocks")    # exact quantised copies (weights.load_weights decides)
+        int8_act = q != "exact" and dtype == torch.bfloat16   # float32 keeps float32's numerics
         self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len,
-                                               int8_act=q != "exact", dense=q != "blocks"))
+                                               int8_act=int8_act, dense=q != "blocks"))
 
     def _setup(self, spec: ModelSpec, config: EngineConfig, weights: Weights) -> None:
         self.spec, self.params, self.config = spec, weights, config
