@@ -25,6 +25,7 @@ from kiln.backends import inputs as I
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.jax import model as M
 from kiln.backends.jax import steps as S
+from kiln.backends.jax import tuning as T
 from kiln.backends.jax.mesh import Placement
 from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
 from kiln.compile.graph_key import GraphKey
@@ -64,6 +65,11 @@ class JaxRunner(ModelRunner):
         self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
         self.cache = GraphCache(config.graph_cache_dir) if config.compile.graph_cache else None
         self._stats = RunnerStats()
+        # --dtype auto: float32 params and residual stream, each bucket's matmuls in the dtype measured faster
+        measured = config.model.dtype == "auto" and config.dtype == "float32"
+        self.tuning = T.load_or_probe(spec, config.graph_cache_dir if self.cache else None) if measured \
+            else T.StepTuning()
+        self.params_bf16 = T.bf16_params(self.params) if self.tuning.uses_bf16 else None
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
                  2 * self.k_cache.nbytes / 2**30)
 
@@ -81,6 +87,15 @@ class JaxRunner(ModelRunner):
         self.guard.close()
 
     # -- graphs -----------------------------------------------------------------------------------
+    def matmul_dtype(self, key: GraphKey) -> str:
+        """The matmul dtype of `key`'s graph: by the rows it computes (tuning.py); samplers have none."""
+        if key.kind == "sample":
+            return "float32"
+        return self.tuning.matmul_dtype(key.batch * (1 if key.kind == "decode" else key.size))
+
+    def params_for(self, key: GraphKey):
+        return self.params_bf16 if self.matmul_dtype(key) == "bfloat16" else self.params
+
     def _abstract_args(self, key: GraphKey):
         B, pl = key.batch, self.placement
         i32 = lambda *s: pl.abstract(jax.ShapeDtypeStruct(s, jnp.int32))
@@ -98,7 +113,7 @@ class JaxRunner(ModelRunner):
         else:
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
         spec_of = pl.abstract
-        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
+        return (jax.tree.map(spec_of, self.params_for(key)), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
 
     def fingerprint(self, key: GraphKey) -> dict:
         """Everything that changes the graph of `key` (never weight values): the graph-cache key."""
@@ -107,7 +122,7 @@ class JaxRunner(ModelRunner):
         return {"graph_version": GRAPH_VERSION, "key": dataclasses.asdict(key), "spec": self.spec.shape_key(),
                 "args": str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), self._abstract_args(key))),
                 "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-                "mesh": self.placement.key.as_dict(),
+                "mesh": self.placement.key.as_dict(), "matmul_dtype": self.matmul_dtype(key),
                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": self.config.env.xla_flags}
 
     def lower(self, key: GraphKey):
@@ -189,7 +204,7 @@ class JaxRunner(ModelRunner):
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
         args = self.placement.inputs((x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens, targets,
                                       np.bool_(want_lp)))
-        self.k_cache, self.v_cache, logits, *scored = exe(self.params, self.k_cache, self.v_cache, *args)
+        self.k_cache, self.v_cache, logits, *scored = exe(self.params_for(key), self.k_cache, self.v_cache, *args)
         res = self._sample(rows, logits, key.batch)
         tgt, top_i, top_lp, h_sum, h_last = jax.device_get(scored)
         if want_lp:
@@ -213,7 +228,7 @@ class JaxRunner(ModelRunner):
             args = (x.tokens, x.positions, x.slots, x.tables, x.starts)
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
         args = self.placement.inputs(args)                           # global arrays on a mesh
-        self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
+        self.k_cache, self.v_cache, logits = exe(self.params_for(key), self.k_cache, self.v_cache, *args)
         return self._sample(rows, logits, key.batch)
 
     def _sample(self, rows, logits, B: int) -> StepResult:
