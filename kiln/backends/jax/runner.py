@@ -76,7 +76,9 @@ class JaxRunner(ModelRunner):
         measured = config.model.dtype == "auto" and config.dtype == "float32"
         self.tuning = T.load_or_probe(spec, config.graph_cache_dir if self.cache else None) if measured \
             else T.StepTuning()
-        self.params_bf16 = T.bf16_params(self.params) if self.tuning.uses_bf16 else None
+        self.params_bf16 = None      # matmul weights in bf16 for the buckets that chose it (placed like params)
+        if self.tuning.uses_bf16:
+            self.params_bf16 = self.placement.params(T.bf16_params(params, tied_head=self.placement.mesh is None))
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
                  2 * self.k_cache.nbytes / 2**30)
 

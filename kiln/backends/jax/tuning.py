@@ -145,13 +145,15 @@ def load_or_probe(spec, cache_dir: Path | None) -> StepTuning:
     return tuning
 
 
-def bf16_params(params: dict) -> dict:
-    """The params a bf16 graph reads: the matmul weights (and the head, the embedding's transpose when tied)
-    in bf16, everything else as it is (shared, not copied)."""
+def bf16_params(params: dict, *, tied_head: bool = True) -> dict:
+    """The params a bf16 graph reads: the matmul weights (and, with `tied_head`, a head that is the embedding's
+    transpose) in bf16, converted on the host (no XLA compile: a warm start compiles nothing), everything else
+    as it is (shared, not copied)."""
+    import ml_dtypes
     out = dict(params)
-    if "head" not in out:
-        out["head"] = jnp.transpose(params["embed"])
+    if "head" not in out and tied_head:
+        out["head"] = np.asarray(params["embed"]).T
     for name in MATMUL_WEIGHTS:
         if name in out:
-            out[name] = out[name].astype(jnp.bfloat16)
+            out[name] = jnp.asarray(np.asarray(out[name]).astype(ml_dtypes.bfloat16))
     return out
