@@ -80,7 +80,8 @@ def test_auto_runner_runs_each_bucket_in_its_tables_dtype(tiny, tmp_path, monkey
     pre, dec = GraphKey("prefill", 1, 16), GraphKey("decode", 1, 1)
     assert runner.fingerprint(pre)["matmul_dtype"] == "bfloat16" and "bfloat16" in runner.fingerprint(pre)["args"]
     assert runner.fingerprint(dec)["matmul_dtype"] == "float32" and "bfloat16" not in runner.fingerprint(dec)["args"]
-    assert runner.params_for(pre)["qkv"].dtype == jnp.bfloat16 and runner.params_for(pre)["attn_norm"].dtype == jnp.float32
+    assert runner.params_for(pre)["qkv"].dtype == jnp.bfloat16
+    assert runner.params_for(pre)["attn_norm"].dtype == jnp.float32
     ids = prompt(9, spec.vocab_size, seed=3)
     row = ScheduledRow("r", ids, 0, [1], True, SamplingParams(temperature=0.0, logprobs=1), 0, 0, len(ids), [],
                        spec.eos_token_ids)
