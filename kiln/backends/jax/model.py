@@ -54,8 +54,14 @@ def params_from_hf(spec: ModelSpec, tensors: dict[str, np.ndarray], dtype) -> Pa
     return p
 
 
+def _dot(spec: str, x, w):
+    """x @ w with x cast to w's dtype and float32 accumulation, back in x's dtype: a float32 model is unchanged;
+    bf16 matmul weights (backends/jax/tuning.py) keep a float32 residual stream around bf16 matmuls."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _linear(x, w, b=None):
-    y = jnp.einsum("...i,io->...o", x, w)
+    y = _dot("...i,io->...o", x, w)
     return y if b is None else y + b
 
 
@@ -65,7 +71,7 @@ def _fused(x, w, b=None):
     groups them so that each tensor-parallel device's slice is contiguous)."""
     if w.ndim == 2:
         return _linear(x, w, b)[..., None, :]
-    y = jnp.einsum("...i,igo->...go", x, w)
+    y = _dot("...i,igo->...go", x, w)
     return y if b is None else y + b
 
 
@@ -181,7 +187,7 @@ def forward(spec: ModelSpec, params: Params, k_cache: jax.Array, v_cache: jax.Ar
 def lm_head(params: Params, h: jax.Array) -> jax.Array:
     """Hidden [..., D] -> float32 logits [..., V]."""
     w = params["head"] if "head" in params else params["embed"].T         # [D, V]
-    logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
     if "final_softcap" in params:
         cap = params["final_softcap"]
         logits = cap * jnp.tanh(logits / cap)

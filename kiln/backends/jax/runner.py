@@ -25,6 +25,7 @@ from kiln.backends import inputs as I
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.jax import model as M
 from kiln.backends.jax import steps as S
+from kiln.backends.jax import tuning as T
 from kiln.backends.jax.mesh import Placement
 from kiln.compile.graph_cache import GRAPH_VERSION, GraphCache, fingerprint_key
 from kiln.compile.graph_key import GraphKey
@@ -45,6 +46,13 @@ class JaxRunner(ModelRunner):
     compiled_kinds = ("prefill", "decode", "sample", "score")      # the graph families warmup builds
                                                                    # (score: with --warmup-scoring only)
 
+    # the plain-greedy sampler inside the prefill/decode graph (one executable per greedy step; the logits still
+    # come out for any other sampler): the step's measured choice, BENCHMARKS.md (scripts/bench_fused_sampler.py)
+    fused_greedy = True
+    # XLA:CPU debug options every graph is compiled with (in the graph-cache key): none measured a gain on this
+    # jaxlib (BENCHMARKS.md, scripts/bench_jax_step.py); kept as the one place to set them
+    compiler_options: dict = {}
+
     def __init__(self, *, spec: ModelSpec, config: EngineConfig, tensors):
         self._setup(spec, config, M.params_from_hf(spec, tensors, jnp.dtype(config.dtype)))
 
@@ -64,6 +72,13 @@ class JaxRunner(ModelRunner):
         self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
         self.cache = GraphCache(config.graph_cache_dir) if config.compile.graph_cache else None
         self._stats = RunnerStats()
+        # --dtype auto: float32 params and residual stream, each bucket's matmuls in the dtype measured faster
+        measured = config.model.dtype == "auto" and config.dtype == "float32"
+        self.tuning = T.load_or_probe(spec, config.graph_cache_dir if self.cache else None) if measured \
+            else T.StepTuning()
+        self.params_bf16 = None      # matmul weights in bf16 for the buckets that chose it (placed like params)
+        if self.tuning.uses_bf16:
+            self.params_bf16 = self.placement.params(T.bf16_params(params, tied_head=self.placement.mesh is None))
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", cc.num_blocks, cc.block_size,
                  2 * self.k_cache.nbytes / 2**30)
 
@@ -81,6 +96,15 @@ class JaxRunner(ModelRunner):
         self.guard.close()
 
     # -- graphs -----------------------------------------------------------------------------------
+    def matmul_dtype(self, key: GraphKey) -> str:
+        """The matmul dtype of `key`'s graph: by the rows it computes (tuning.py); samplers have none."""
+        if key.kind == "sample":
+            return "float32"
+        return self.tuning.matmul_dtype(key.batch * (1 if key.kind == "decode" else key.size))
+
+    def params_for(self, key: GraphKey):
+        return self.params_bf16 if self.matmul_dtype(key) == "bfloat16" else self.params
+
     def _abstract_args(self, key: GraphKey):
         B, pl = key.batch, self.placement
         i32 = lambda *s: pl.abstract(jax.ShapeDtypeStruct(s, jnp.int32))
@@ -97,8 +121,10 @@ class JaxRunner(ModelRunner):
             batch += (i32(B, T), flag) if key.kind == "score" else ()      # prompt-logprob targets, wanted?
         else:
             batch = (i32(B, 1), i32(B, 1), i32(B, 1), i32(B, key.size), i32(B))
+        if key.kind in ("prefill", "decode") and self.fused_greedy:
+            batch += (flag,)                                                # want_top of the fused greedy sampler
         spec_of = pl.abstract
-        return (jax.tree.map(spec_of, self.params), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
+        return (jax.tree.map(spec_of, self.params_for(key)), spec_of(self.k_cache), spec_of(self.v_cache), *batch)
 
     def fingerprint(self, key: GraphKey) -> dict:
         """Everything that changes the graph of `key` (never weight values): the graph-cache key."""
@@ -107,8 +133,10 @@ class JaxRunner(ModelRunner):
         return {"graph_version": GRAPH_VERSION, "key": dataclasses.asdict(key), "spec": self.spec.shape_key(),
                 "args": str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), self._abstract_args(key))),
                 "platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-                "mesh": self.placement.key.as_dict(),
-                "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": self.config.env.xla_flags}
+                "mesh": self.placement.key.as_dict(), "matmul_dtype": self.matmul_dtype(key),
+                "fused_greedy": self.fused_greedy and key.kind in ("prefill", "decode"),
+                "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": self.config.env.xla_flags,
+                "compiler_options": sorted((k, str(v)) for k, v in self.compiler_options.items())}
 
     def lower(self, key: GraphKey):
         if key.kind == "sample":
@@ -119,6 +147,9 @@ class JaxRunner(ModelRunner):
         pl = self.placement
         outs = pl.out_shardings(key.kind) if key.kind != "score" or pl.mesh is None else \
             {"out_shardings": (pl.kv, pl.kv) + (pl.replicated,) * 6}      # K, V, then six replicated outputs
+        if key.kind in ("prefill", "decode") and self.fused_greedy:
+            step = partial(S.with_greedy, step)
+            outs = outs if pl.mesh is None else {"out_shardings": (pl.kv, pl.kv, pl.replicated, pl.replicated)}
         return jax.jit(step, donate_argnums=(1, 2), **outs).lower(*self._abstract_args(key))
 
     def is_cached(self, key: GraphKey) -> bool:
@@ -138,7 +169,7 @@ class JaxRunner(ModelRunner):
                 return "hit"
         self.guard.check(str(key))
         t0 = time.perf_counter()
-        exe = self.lower(key).compile()
+        exe = self.lower(key).compile(compiler_options=dict(self.compiler_options) or None)
         dt = time.perf_counter() - t0
         mem = exe.memory_analysis()
         nbytes = (mem.temp_size_in_bytes + mem.generated_code_size_in_bytes) if mem is not None else 0
@@ -189,7 +220,7 @@ class JaxRunner(ModelRunner):
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
         args = self.placement.inputs((x.tokens, x.positions, x.slots, x.tables, x.starts, x.lens, targets,
                                       np.bool_(want_lp)))
-        self.k_cache, self.v_cache, logits, *scored = exe(self.params, self.k_cache, self.v_cache, *args)
+        self.k_cache, self.v_cache, logits, *scored = exe(self.params_for(key), self.k_cache, self.v_cache, *args)
         res = self._sample(rows, logits, key.batch)
         tgt, top_i, top_lp, h_sum, h_last = jax.device_get(scored)
         if want_lp:
@@ -215,8 +246,14 @@ class JaxRunner(ModelRunner):
             x = I.prepare_step(rows, block_size=bs, batch=key.batch, seq_len=1, table_width=key.size)
             args = (x.tokens, x.positions, x.slots, x.tables, x.starts)
         self._stats.add_step(str(key), step.num_tokens, x.computed_tokens)
-        args = self.placement.inputs(args)                           # global arrays on a mesh
-        self.k_cache, self.v_cache, logits = exe(self.params, self.k_cache, self.v_cache, *args)
+        if not self.fused_greedy:
+            args = self.placement.inputs(args)                       # global arrays on a mesh
+            self.k_cache, self.v_cache, logits = exe(self.params_for(key), self.k_cache, self.v_cache, *args)
+            return self._sample(rows, logits, key.batch)
+        args = self.placement.inputs((*args, np.bool_(I.logprobs_wanted(rows) > 0)))
+        self.k_cache, self.v_cache, logits, greedy = exe(self.params_for(key), self.k_cache, self.v_cache, *args)
+        if all(I.is_plain_greedy(r) for r in rows):
+            return self._result(rows, jax.device_get(greedy))       # one executable, one host sync
         return self._sample(rows, logits, key.batch)
 
     def _execute_mixed(self, step: SchedulerOutput) -> StepResult:
@@ -244,7 +281,11 @@ class JaxRunner(ModelRunner):
         else:
             st = I.sampling_tensors(rows, batch=B, history_len=self.history_len, vocab_size=self.spec.vocab_size)
             res = self._graph_for("sample", B, 1)[1](*pl.inputs((logits, st, want_top)))
-        res: SampleOutput = jax.device_get(res)                     # the step's one host sync
+        return self._result(rows, jax.device_get(res))             # the step's one host sync
+
+    @staticmethod
+    def _result(rows, res: SampleOutput) -> StepResult:
+        want_lp = I.logprobs_wanted(rows)
         n = len(rows)
         top = None
         if want_lp:

@@ -7,6 +7,8 @@
                    per prefill bucket serves both, built by warmup only with --warmup-scoring
     decode(B, NB)  one token per row ─> logits [B, V]
     sample(B, 0|1) logits ─> tokens, logprobs, top-N (plain greedy, or every sampling parameter)
+    with_greedy    prefill/decode with the plain-greedy sampler fused in (the runner's `fused_greedy`): a
+                   greedy step is one executable; other samplers take the logits it also returns
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ def greedy_sample(logits, want_top):
         want_top, lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1),
         lambda x: jnp.zeros(x.shape[:1], jnp.float32), logits)             # [B]
     return SampleOutput(tokens, lp, *top_logprobs(logits, want_top))
+
+
+def with_greedy(step, *args):
+    """`step` (prefill or decode) with the plain-greedy sampler on its logits, in the same graph: the args are
+    the step's, then want_top. -> (k_cache, v_cache, logits [B, V], SampleOutput)"""
+    *args, want_top = args
+    k_cache, v_cache, logits = step(*args)
+    return k_cache, v_cache, logits, greedy_sample(logits, want_top)
 
 
 def general_sample(logits, st: SamplingTensors, want_top):
