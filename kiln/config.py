@@ -218,6 +218,8 @@ class CompileConfig:
     compile_workers: int = 2             # graphs compiled at once
     warmup_scoring: bool = False         # warmup also builds a score graph per prefill graph (prompt logprobs,
                                          # echo and embeddings on an engine that forbids compiles after warmup)
+    tune_matmul_dtypes: bool = False     # jax, --dtype auto: each bucket's matmuls in the dtype a probe measured
+                                         # faster on this machine (stored with the graph cache); else float32
 
     def __post_init__(self):
         if self.prefill_strategy not in PREFILL_STRATEGIES:

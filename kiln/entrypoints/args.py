@@ -81,6 +81,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--warmup-scoring", action="store_true",
                    help="warmup also builds the scoring graphs (one per prefill graph) that prompt_logprobs, echo "
                         "and /v1/embeddings need on the jax backend")
+    c.add_argument("--tune-matmul-dtypes", action="store_true",
+                   help="jax backend with --dtype auto: measure float32 against bf16-input/float32-accumulate "
+                        "matmuls at each bucket's row count once on this machine (stored beside the graph cache), "
+                        "and run each bucket in the faster one; residual stream, norms, softmax and KV cache stay "
+                        "float32 (default: off, float32 everywhere: reproducible numerics)")
     c.add_argument("--no-graph-cache", dest="graph_cache", action="store_false",
                    help="do not read or write compiled graphs under $KILN_CACHE_DIR/graphs")
     c.add_argument("--memory-utilization", type=float, default=0.9,
@@ -115,6 +120,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 kv_cache_gib=a.kv_cache_gib, enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
                 buckets=buckets, warmup=a.warmup, allow_lazy_compile=a.allow_lazy_compile,
                 warmup_scoring=getattr(a, "warmup_scoring", False),
+                tune_matmul_dtypes=getattr(a, "tune_matmul_dtypes", False),
                 graph_cache=a.graph_cache, memory_utilization=a.memory_utilization,
                 graph_reserved_fraction=a.graph_reserved_fraction, graph_prompt_ratio=a.graph_prompt_ratio,
                 prefill_strategy=a.prefill_strategy, decode_strategy=a.decode_strategy,

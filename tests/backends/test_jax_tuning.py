@@ -71,7 +71,7 @@ def test_auto_runner_runs_each_bucket_in_its_tables_dtype(tiny, tmp_path, monkey
     spec = loaded.spec
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
     config = build_config(spec, backend="jax", platform="cpu", dtype="auto", max_model_len=64, num_blocks=16,
-                          warmup=False, allow_lazy_compile=True, free_bytes=2**34)
+                          tune_matmul_dtypes=True, warmup=False, allow_lazy_compile=True, free_bytes=2**34)
     table = config.graph_cache_dir / "tuning" / f"{T.machine_key(spec)}.json"
     table.parent.mkdir(parents=True)
     table.write_text(json.dumps({"matmul": [[1, "float32"], [4, "bfloat16"]], "measured": []}))

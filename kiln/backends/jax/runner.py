@@ -72,8 +72,9 @@ class JaxRunner(ModelRunner):
         self.guard = CompileGuard(allow_lazy=config.compile.allow_lazy_compile or not config.compile.warmup)
         self.cache = GraphCache(config.graph_cache_dir) if config.compile.graph_cache else None
         self._stats = RunnerStats()
-        # --dtype auto: float32 params and residual stream, each bucket's matmuls in the dtype measured faster
-        measured = config.model.dtype == "auto" and config.dtype == "float32"
+        # --tune-matmul-dtypes with --dtype auto: float32 params and residual stream, each bucket's matmuls in the
+        # dtype measured faster (off by default: a probe's answer varies with the machine's load)
+        measured = config.compile.tune_matmul_dtypes and config.model.dtype == "auto" and config.dtype == "float32"
         self.tuning = T.load_or_probe(spec, config.graph_cache_dir if self.cache else None) if measured \
             else T.StepTuning()
         self.params_bf16 = None      # matmul weights in bf16 for the buckets that chose it (placed like params)

@@ -1,6 +1,6 @@
 """Per-bucket matmul dtypes chosen by measurement on this machine, not by a table of machines.
 
-    --dtype auto on jax ──> StepTuning.load_or_probe(spec, cache dir)
+    --tune-matmul-dtypes, --dtype auto on jax ──> StepTuning.load_or_probe(spec, cache dir)
         stored?  <graph cache>/tuning/<machine key>.json ──> the table (a warm start measures nothing)
         else     probe(): the model's four layer matmuls (qkv, o, gate|up, down) at PROBE_TOKENS rows,
                  float32 against bf16 inputs with float32 accumulation (preferred_element_type), interleaved
