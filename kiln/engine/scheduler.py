@@ -18,6 +18,7 @@ from kiln.cache.kv_manager import KVCacheManager
 from kiln.config import EngineConfig
 from kiln.engine.request import Request, Status
 from kiln.engine.scheduler_output import ScheduledRow, SchedulerOutput
+from kiln.engine.speculative import with_drafts
 
 
 class Scheduler:
@@ -122,6 +123,9 @@ class Scheduler:
                 continue
             if len(rows) == max_rows:
                 break
+            if req.draft_token_ids and not self.kv.allocate_slots(req.request_id,
+                                                                  req.num_tokens + len(req.draft_token_ids)):
+                req.draft_token_ids = []               # no free block for the drafts: decode without them
             while not self.kv.allocate_slots(req.request_id, req.num_tokens):
                 victim = self.running[-1]
                 preempted.append(victim.request_id)
@@ -129,7 +133,7 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is Status.RUNNING:
-                rows.append(self._row(req, 1))
+                rows.append(with_drafts(self._row(req, 1), req.draft_token_ids))
         rows = [r for r in rows if r.request_id not in preempted]
         return SchedulerOutput("decode", rows, preempted)
 
@@ -149,5 +153,6 @@ class Scheduler:
             req = self.requests.get(row.request_id)
             if req is None or req.status is not Status.RUNNING:
                 continue
-            req.num_computed_tokens = row.start_pos + len(row.token_ids)
+            req.num_computed_tokens = row.start_pos + len(row.token_ids) - row.num_draft  # + accepted drafts:
+                                                                      # the engine, once it knows them
             self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
