@@ -175,3 +175,23 @@ def test_speculation_is_refused_on_jax_and_checked():
     conf = mock_engine(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                            "prompt_lookup_max": 3}).config.speculative
     assert (conf.prompt_lookup_min, conf.prompt_lookup_max) == (3, 3)          # vLLM: the one given for both
+
+
+def test_cli_flags_and_vllm_spelling_reach_the_engine(oracle):
+    from kiln.entrypoints.args import engine_kwargs
+    from kiln.entrypoints.cli import build_parser
+    from kiln.serving.metrics import ServerMetrics
+    parse = lambda *argv: engine_kwargs(build_parser().parse_args(["serve", *argv]))
+    assert "speculative_config" not in parse()
+    assert parse("--speculative", "ngram", "--num-speculative-tokens", "3", "--ngram-prompt-lookup-max", "5",
+                 "--prompt-lookup-min", "2")["speculative_config"] == \
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2}
+    kw = parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}')
+    e = mock_engine(speculative_config=kw["speculative_config"])
+    assert (e.config.speculative.num_speculative_tokens, e.config.speculative.prompt_lookup_min) == (2, 3)
+    oracle["wrong"] = (1,)
+    run(e, PROMPT, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    text = "\n".join(f"{m.name} {s.value}" for m in ServerMetrics(e.stats).registry.collect() for s in m.samples)
+    # drafts 2, 2, 2 (outputs 1 -> 3 -> 5 -> 7), then 0 (8 - 7 - 1): the first of each accepted
+    assert "kiln_spec_draft_tokens 6.0" in text and "kiln_spec_accepted_tokens 3.0" in text
+    assert "kiln_spec_acceptance_rate 0.5" in text
