@@ -232,6 +232,28 @@ class CompileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): vLLM's `speculative_config` keys. method None: off."""
+    method: str | None = None            # None | "ngram" (prompt lookup: engine/ngram.py)
+    num_speculative_tokens: int = 0      # drafts verified per step at most (K)
+    prompt_lookup_max: int = 4           # longest n-gram of the context's end matched against earlier context
+    prompt_lookup_min: int = 2           # shortest one tried
+
+    def __post_init__(self):
+        if self.method not in (None, "ngram"):
+            raise ValueError(f"speculative method must be 'ngram' (the one kiln has), got {self.method!r}")
+        if self.method is not None and self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
+                             f"and {self.prompt_lookup_max}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """How one engine spans devices and processes (backends/jax/mesh.py, distributed/)."""
     tensor_parallel_size: int = 1        # devices one model copy is split over (jax backend), Megatron layout
@@ -275,6 +297,7 @@ class EngineConfig:
     seed: int = 0
     env: Env = dataclasses.field(default_factory=Env)   # the environment snapshot this config was built with
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = dataclasses.field(default_factory=SpeculativeConfig)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -40,6 +40,10 @@ class StepResult:
     # [D]) of the final-normed hidden state, float32 numpy -- rows with ScheduledRow.pooling set (embeddings);
     # the engine adds the chunks' sums up and pools after the prompt's last chunk
     hidden: list | None = None
+    # speculative decoding, per row: None, or for a row with ScheduledRow.num_draft > 0 its num_draft + 1 tokens
+    # sampled at its last num_draft + 1 positions, position j as output output_index + j after the drafts
+    # before it (engine/speculative.accepted keeps the drafts that match); tokens[i] is spec_tokens[i][0]
+    spec_tokens: list[list[int] | None] | None = None
 
 
 @dataclasses.dataclass

@@ -12,6 +12,8 @@ last scheduled token and `pos` its position. On top of that, with the engine's s
   sampled token then the next ids, each 1.0 lower;
 - a pooling row (embeddings) returns, for its chunk, the sum and the last of `mock_hidden(token)` =
   [(token + d) % 5 - 2 for d in range(hidden_size)] over its tokens (its final hidden state is its own token's).
+- a verify row (speculative decoding: ScheduledRow.num_draft > 0) picks at each of its last num_draft + 1
+  positions as the plain row of that position would (backends/verify.expand): StepResult.spec_tokens;
 `fault` (a callable given the step) may raise to inject a failure; `step_seconds` slows every step down.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kiln.backends import verify
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 
 
@@ -82,7 +85,8 @@ class MockRunner(ModelRunner):
         self.steps.append(step)
         want = max((r.sampling_params.logprobs or 0 for r in step.rows
                     if r.sampling_params.logprobs is not None), default=None)
-        tokens = [self._pick(r) for r in step.rows]
+        spec = [[self._pick(v) for v in verify.expand([r])] if r.num_draft else None for r in step.rows]
+        tokens = [s[0] if s else self._pick(r) for s, r in zip(spec, step.rows)]
         top = None
         if want is not None:
             top = [[((t + j) % self.vocab, mock_logprob(t) - j) for j in range(max(want, 1))] for t in tokens]
@@ -97,7 +101,8 @@ class MockRunner(ModelRunner):
                       for r in step.rows]
         # no padding: every computed token is a real one
         self._stats.add_step(f"{step.kind}(batch={len(step.rows)})", step.num_tokens, step.num_tokens)
-        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp, hidden)
+        return StepResult(tokens, [mock_logprob(t) for t in tokens], top, plp, hidden,
+                          spec if any(spec) else None)
 
     def _prompt_logprobs(self, row):
         """Position j's target t (the next prompt token) scores mock_logprob(t); its top-k are t + m, each m

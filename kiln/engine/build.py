@@ -24,9 +24,14 @@ from kiln.compile.planner import host_free_bytes, kv_block_bytes_per_device, pla
 from kiln.config import (DTYPES, BucketPlan, CacheConfig, CompileConfig, EngineConfig, Env, ModelConfig,
                          ParallelConfig, SchedulerConfig, resolve_dtype)
 from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.speculative import speculative_config as speculative_config_of
 from kiln.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+SPECULATIVE_BACKENDS = ("torch", "mock")
+"""Backends that run verify steps (speculative decoding): eager ones, where a decode row of 1 + K tokens is no
+new graph."""
 
 TORCH_TP = ("--backend {backend} has no tensor parallelism: on a CPU it does not pay. Measured on this 2-core "
             "machine (scripts/torch_tp_cpu.py, a decode step of the default model's shape, float32): 2 gloo "
@@ -81,11 +86,12 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
                  max_model_len: int | None = None, long_prefill_token_threshold: int = 0, seed: int = 0, platform: str | None = None,
                  free_bytes: int | None = None, buckets: dict[str, tuple[int, int, int]] | None = None,
                  env: Env | None = None, tensor_parallel_size: int | None = None,
-                 parallel: ParallelConfig | None = None, **compile_kwargs) -> EngineConfig:
+                 parallel: ParallelConfig | None = None, speculative_config=None, **compile_kwargs) -> EngineConfig:
     """The EngineConfig of these options for a model of `spec`. platform None: JAX's default device;
     free_bytes None: the host's available memory; env None: Env.read(). `buckets` maps prompt_bs,
     prompt_seq, decode_bs, decode_blocks to (min, step, max), any part None; compile_kwargs are
-    CompileConfig's (warmup None: not KILN_SKIP_WARMUP)."""
+    CompileConfig's (warmup None: not KILN_SKIP_WARMUP). `speculative_config` is vLLM's dict ({"method": "ngram",
+    "num_speculative_tokens": K, ...}, engine/speculative) or a SpeculativeConfig."""
     env = env or Env.read()
     if platform is None:
         from kiln.backends.platform import jax_platform
@@ -99,6 +105,11 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
         raise ValueError(TORCH_TP.format(backend=backend) if backend == "torch" else
                          f"tensor parallelism and multi-host run on the jax backend; backend is {backend} "
                          f"(use --backend jax, or --data-parallel-size for replicas of any backend)")
+    spec_config = speculative_config_of(speculative_config)
+    if spec_config.enabled and backend not in SPECULATIVE_BACKENDS:
+        raise ValueError(f"speculative decoding ({spec_config.method}) runs on the torch backend; backend {backend} "
+                         f"has no verify step (decode rows of 1 + num_speculative_tokens tokens are a graph "
+                         f"family the jax backend does not compile): use --backend torch")
     resolved = resolve_dtype(dtype, platform, backend)
     max_len = resolve_max_len(spec, max_model_len)
     sc = SchedulerConfig(max_num_seqs=max_num_seqs,
@@ -131,7 +142,7 @@ def build_config(spec: ModelSpec, *, model: str = ModelConfig.model, dtype: str 
                      max_model_len=max_len, max_num_batched_tokens=sc.max_num_batched_tokens)
     return EngineConfig(model=mc, cache=cc, scheduler=sc, buckets=plan, compile=comp, memory=memory,
                         dtype=resolved, backend=backend, kv_dtype=kv_dtype, platform=platform, seed=seed, env=env,
-                        parallel=parallel)
+                        parallel=parallel, speculative=spec_config)
 
 
 def _device_free_bytes(free_bytes: int | None, platform: str, parallel: ParallelConfig) -> int:

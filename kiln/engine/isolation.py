@@ -20,6 +20,7 @@ class RowResult(NamedTuple):
     top: list | None                  # top-N (token, logprob) when some row asked
     prompt_logprobs: list | None      # StepResult.prompt_logprobs[row]
     hidden: Any = None                # StepResult.hidden[row]: (sum [D], last [D]) for a pooling row
+    spec: list[int] | None = None     # StepResult.spec_tokens[row]: a verify row's num_draft + 1 samples
 
 
 def _check(result: StepResult, n: int) -> None:
@@ -60,8 +61,24 @@ def execute_isolating(runner: ModelRunner, sched, idx: list[int], budget: list[i
             hidden = None if result.hidden is None else result.hidden[j]
             if sched.rows[i].pooling is not None and hidden is None:
                 raise RuntimeError("runner returned no hidden state for an embedding row")
+            spec = _spec_tokens(result, j, sched.rows[i].num_draft, vocab)
             results[i] = RowResult(token, result.logprobs[j], None if result.top is None else result.top[j],
-                                   None if result.prompt_logprobs is None else result.prompt_logprobs[j], hidden)
+                                   None if result.prompt_logprobs is None else result.prompt_logprobs[j], hidden,
+                                   spec)
         except Exception as e:  # noqa: BLE001 - this row only
             failures[i] = e
     return results, failures
+
+
+def _spec_tokens(result: StepResult, j: int, num_draft: int, vocab: int) -> list[int] | None:
+    """Row j's verify samples, checked: num_draft + 1 tokens in the vocabulary (None for a row without drafts)."""
+    if not num_draft:
+        return None
+    spec = None if result.spec_tokens is None else result.spec_tokens[j]
+    if spec is None or len(spec) != num_draft + 1:
+        raise RuntimeError(f"runner returned {None if spec is None else len(spec)} verify tokens for a row with "
+                           f"{num_draft} drafts")
+    spec = [operator.index(t) for t in spec]
+    if not all(0 <= t < vocab for t in spec):
+        raise RuntimeError(f"runner returned a verify token outside the vocabulary [0, {vocab})")
+    return spec

@@ -2,8 +2,10 @@
 
     add_request ─> validate ─> n child Requests (engine/parents: sample i of request R is `R` for n=1, else `R#i`)
     step():  scheduler.schedule() ─> runner.execute() (engine/isolation) ─> scheduler.on_step_done()
-             ─> per sampled row: append token, detokenize, check stop conditions, finish
+             ─> per sampled row: append token, detokenize, check stop conditions, finish (a verify row,
+                speculative decoding: its accepted drafts and the next token, one by one; engine/speculative)
              ─> per pooling row (embeddings, engine/pooling): add the chunk's hidden states; pool after the last
+             ─> speculative decoding: drafts for every request that sampled (engine/speculative.drafts)
              ─> RequestOutput / EmbeddingRequestOutput for every parent that changed (cumulative)
 
 Samples of one request share the prompt's KV blocks through the prefix cache.
@@ -25,6 +27,7 @@ import random
 from kiln.backends.base import ModelRunner
 from kiln.backends.inputs import check_supported
 from kiln.config import EngineConfig
+from kiln.engine import speculative
 from kiln.engine.detokenizer import IncrementalDetokenizer
 from kiln.engine.errors import EngineDeadError, StepError
 from kiln.engine.isolation import RowResult, execute_isolating
@@ -58,6 +61,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self.spec_stats = speculative.SpecStats()
         self.structured = StructuredState(getattr(tokenizer, "hf", None), spec.vocab_size, spec.eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -195,12 +199,17 @@ class LLMEngine:
                         self._finish(sample, "stop")
                         changed[parent.request_id] = parent
                 elif row.sample:
-                    self._append(sample, row, res)
+                    if row.num_draft:
+                        self._append_verified(sample, row, res)
+                    else:
+                        self._append(sample, row, res)
                     changed[parent.request_id] = parent
             except EngineDeadError:
                 raise
             except Exception as e:  # noqa: BLE001 - a fault of this request only
                 failed[parent.request_id] = e
+        if self.config.speculative.enabled:
+            self._propose(sched.rows)
         outputs = self._outputs(changed, failed)
         if failed:
             self._fail_requests(failed)
@@ -259,8 +268,29 @@ class LLMEngine:
         raise self._dead
 
     def _append(self, s: _Sample, row: ScheduledRow, sampled: RowResult) -> None:
+        self._append_token(s, sampled.token, sampled.logprob, sampled.top)
+
+    def _append_verified(self, s: _Sample, row: ScheduledRow, sampled: RowResult) -> None:
+        """A verify row (engine/speculative): its accepted drafts and the token after them, one by one through
+        the detokenizer and the stop checks; a stop ends the request there, the tokens after it are dropped."""
+        emit = speculative.accepted(row.token_ids[len(row.token_ids) - row.num_draft:], sampled.spec)
+        self.spec_stats.add(row.num_draft, len(emit) - 1)
+        s.request.num_computed_tokens += len(emit) - 1      # the accepted drafts' K/V were written this step
+        for token in emit:
+            self._append_token(s, token, 0.0, None)         # (no logprobs: such requests do not draft)
+            if s.output.finished:
+                break
+
+    def _propose(self, rows: list[ScheduledRow]) -> None:
+        """Speculative decoding: every request that just sampled gets its drafts for its next decode step."""
+        for row in rows:
+            req = self.scheduler.requests.get(row.request_id)
+            if row.sample and req is not None and not req.is_finished:
+                req.draft_token_ids = speculative.drafts(req, self.config.speculative,
+                                                         self.config.scheduler.max_model_len)
+
+    def _append_token(self, s: _Sample, token: int, logprob: float, top: list | None) -> None:
         req, params, out = s.request, s.request.sampling_params, s.output
-        token, logprob, top = sampled.token, sampled.logprob, sampled.top
         req.output_token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -297,5 +327,6 @@ class LLMEngine:
         st.update(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                   preemptions=self.scheduler.num_preemptions, compiles=rs.compiles,
                   compiles_while_serving=rs.compiles_while_serving, graph_cache_hits=rs.graph_cache_hits,
-                  padding_tokens=rs.padding_tokens, real_tokens=rs.real_tokens, computed_tokens=rs.computed_tokens)
+                  padding_tokens=rs.padding_tokens, real_tokens=rs.real_tokens, computed_tokens=rs.computed_tokens,
+                  spec_draft_tokens=self.spec_stats.drafted, spec_accepted_tokens=self.spec_stats.accepted)
         return st

@@ -30,6 +30,8 @@ class Request:
     finish_reason: str | None = None       # stop | length | abort | error (failed by the engine: StepError)
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it
     pooling: str | None = None             # an embedding request: "last" | "mean" (prefill only, no token)
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)   # speculative decoding: drafts
+                                           # to verify after the last token in its next decode step
 
     @property
     def all_token_ids(self) -> list[int]:

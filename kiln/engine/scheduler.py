@@ -20,6 +20,7 @@ from kiln.cache.kv_manager import KVCacheManager
 from kiln.config import EngineConfig
 from kiln.engine.request import Request, Status
 from kiln.engine.scheduler_output import ScheduledRow, SchedulerOutput
+from kiln.engine.speculative import with_drafts
 
 
 class Scheduler:
@@ -56,7 +57,7 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput | None:
         decodes, preempted = self._schedule_decode()
-        budget = self.config.scheduler.max_num_batched_tokens - len(decodes)
+        budget = self.config.scheduler.max_num_batched_tokens - sum(len(r.token_ids) for r in decodes)
         prefills = self._schedule_prefill(budget, admit=not preempted)
         if not decodes and not prefills:
             return None
@@ -84,6 +85,9 @@ class Scheduler:
                 continue
             if len(rows) == max_rows:
                 break
+            if req.draft_token_ids and not self.kv.allocate_slots(req.request_id,
+                                                                  req.num_tokens + len(req.draft_token_ids)):
+                req.draft_token_ids = []               # no free block for the drafts: decode without them
             while not self.kv.allocate_slots(req.request_id, req.num_tokens):
                 victim = self.running[-1]
                 preempted.append(victim.request_id)
@@ -91,7 +95,7 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is Status.RUNNING:
-                rows.append(self._row(req, 1))
+                rows.append(with_drafts(self._row(req, 1), req.draft_token_ids))
         rows = [r for r in rows if r.request_id not in preempted]
         return rows, preempted
 
@@ -155,5 +159,6 @@ class Scheduler:
             req = self.requests.get(row.request_id)
             if req is None or req.status is not Status.RUNNING:
                 continue
-            req.num_computed_tokens = row.start_pos + len(row.token_ids)
+            req.num_computed_tokens = row.start_pos + len(row.token_ids) - row.num_draft  # + accepted drafts:
+                                                                      # the engine, once it knows them
             self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)

@@ -26,6 +26,9 @@ class ScheduledRow:
     next_token_id: int = -1       # prompt logprobs: the prompt token after this chunk (-1: the chunk ends the
                                   # prompt, or the row did not ask); position j's target is token_ids[j + 1]
     pooling: str | None = None    # embeddings: "last" | "mean"; the runner returns StepResult.hidden for the row
+    num_draft: int = 0            # speculative decoding (engine/speculative): the last num_draft of token_ids
+                                  # are drafts; the row samples at each of its last num_draft + 1 positions
+                                  # (StepResult.spec_tokens), position j as output output_index + j
 
     @property
     def scores(self) -> bool:

@@ -4,6 +4,7 @@ from these; scripts reuse them."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from kiln.backends.platform import BACKENDS
@@ -67,6 +68,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="multi-host: processes of one engine (also KILN_NUM_PROCESSES / JAX_NUM_PROCESSES)")
     d.add_argument("--process-id", type=int, default=None,
                    help="multi-host: this process (0 serves; the others follow its steps; also KILN_PROCESS_ID)")
+    s = p.add_argument_group("speculative decoding (engine/speculative.py; torch backend)")
+    s.add_argument("--speculative", "--speculative-method", dest="speculative", default=None, choices=("ngram",),
+                   help="propose drafts and verify them in one step: ngram = prompt lookup, the context's last "
+                        "n-gram matched against earlier context; greedy outputs are unchanged, sampled ones keep "
+                        "their distribution (default: off)")
+    s.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts verified per step at most (with --speculative; default: 4)")
+    s.add_argument("--prompt-lookup-max", "--ngram-prompt-lookup-max", dest="prompt_lookup_max", type=int,
+                   default=None, help="longest n-gram matched (default: 4)")
+    s.add_argument("--prompt-lookup-min", "--ngram-prompt-lookup-min", dest="prompt_lookup_min", type=int,
+                   default=None, help="shortest n-gram matched (default: 2, or --prompt-lookup-max if given)")
+    s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='vLLM\'s spelling: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (the flags above override its keys)')
     c = p.add_argument_group("compiled graphs (buckets, warmup, graph cache)")
     for name, what in (("prompt-bs", "prefill batch sizes"), ("prompt-seq", "prefill seq_len"),
                        ("decode-bs", "decode batch sizes"), ("decode-block", "decode num_blocks")):
@@ -109,6 +124,30 @@ def _bucket_triple(text: str) -> tuple[int, int, int]:
     return lo, step, hi
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def speculative_kwargs(a: argparse.Namespace) -> dict:
+    """speculative_config for build_config from --speculative-config and the flags (flags win); {} when off."""
+    conf = dict(getattr(a, "speculative_config", None) or {})
+    for key, flag in (("method", "speculative"), ("num_speculative_tokens", "num_speculative_tokens"),
+                      ("prompt_lookup_max", "prompt_lookup_max"), ("prompt_lookup_min", "prompt_lookup_min")):
+        if getattr(a, flag, None) is not None:
+            conf[key] = getattr(a, flag)
+    if not conf:
+        return {}
+    if conf.get("method") is not None:
+        conf.setdefault("num_speculative_tokens", 4)
+    return {"speculative_config": conf}
+
+
 def engine_kwargs(a: argparse.Namespace) -> dict:
     buckets = {k: v for k, v in (("prompt_bs", a.prompt_bs_bucket), ("prompt_seq", a.prompt_seq_bucket),
                                  ("decode_bs", a.decode_bs_bucket), ("decode_blocks", a.decode_block_bucket)) if v}
@@ -125,7 +164,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 graph_reserved_fraction=a.graph_reserved_fraction, graph_prompt_ratio=a.graph_prompt_ratio,
                 prefill_strategy=a.prefill_strategy, decode_strategy=a.decode_strategy,
                 compile_workers=a.compile_workers, tensor_parallel_size=a.tensor_parallel_size,
-                **distributed_kwargs(a))
+                **distributed_kwargs(a), **speculative_kwargs(a))
 
 
 def distributed_kwargs(a: argparse.Namespace) -> dict:

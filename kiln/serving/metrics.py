@@ -40,6 +40,11 @@ class _EngineCollector(Collector):
             ("kiln_compiles", "Graphs compiled since start", st.get("compiles", 0)),
             ("kiln_graph_cache_hits", "Graphs loaded from the persistent graph cache", st.get("graph_cache_hits", 0)),
             ("kiln_preemptions", "Requests preempted since start", st.get("preemptions", 0)),
+            ("kiln_spec_draft_tokens", "Speculative draft tokens verified since start", st.get("spec_draft_tokens", 0)),
+            ("kiln_spec_accepted_tokens", "Speculative draft tokens accepted since start",
+             st.get("spec_accepted_tokens", 0)),
+            ("kiln_spec_acceptance_rate", "Accepted / verified speculative draft tokens",
+             st.get("spec_accepted_tokens", 0) / st["spec_draft_tokens"] if st.get("spec_draft_tokens") else 0.0),
         ]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(name, doc)

@@ -8,6 +8,8 @@ on oneDNN/ATen CPU kernels and kiln's C++ kernels, and tokens sampled in torch (
                         (a prefill with prompt-logprob or embedding rows: also every position's final-normed
                         hidden state ──> prompt logprobs through the head, pooled sums for StepResult.hidden)
                     ──> plain greedy rows without logprobs: argmax; else sampler.sample ──> StepResult
+                        (a verify step, rows with drafts: every position's hidden state, the head and the
+                        sampler on each row's last num_draft + 1 positions: backends/verify)
 
 There is no graph to compile: `warmup()` builds (first run on the machine) or loads the C++ kernels.
 """
@@ -19,6 +21,7 @@ import logging
 import torch
 
 from kiln.backends import inputs as I
+from kiln.backends import verify
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
 from kiln.backends.torch import kernels, sampler
 from kiln.backends.torch import model as TM
@@ -84,17 +87,32 @@ class TorchRunner(ModelRunner):
 
     # -- one step ---------------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> StepResult:
-        return self._execute_mixed(step) if step.kind == "mixed" else self._execute_one_kind(step)
+        if step.kind != "mixed":
+            return self._execute_one_kind(step)
+        drafts = [i for i, r in enumerate(step.rows) if r.num_draft]
+        if not drafts:
+            return self._execute_mixed(step)
+        # verify rows (speculative decoding) beside prefill chunks: the verify rows as a decode step of their
+        # own, then the rest as a mixed step
+        rest = [i for i in range(len(step.rows)) if i not in set(drafts)]
+        sub = lambda idx, kind: dataclasses.replace(step, kind=kind, rows=[step.rows[i] for i in idx])
+        parts = [self._execute_one_kind(sub(drafts, "decode"))] + ([self._execute_mixed(sub(rest, "mixed"))]
+                                                                  if rest else [])
+        return _in_order(_concat(parts, [len(drafts), len(rest)]), drafts + rest)
 
     def _execute_one_kind(self, step: SchedulerOutput) -> StepResult:
         rows = step.rows
-        T = _round_up(max(len(r.token_ids) for r in rows), PREFILL_ALIGN) if step.kind == "prefill" else 1
+        spec = any(r.num_draft for r in rows)     # a verify step: 1 + drafts per row, at most 1 + K (no rounding)
+        T = _round_up(max(len(r.token_ids) for r in rows), PREFILL_ALIGN) if step.kind == "prefill" else \
+            max(len(r.token_ids) for r in rows) if spec else 1
         x = I.prepare_step(rows, block_size=self.config.cache.block_size, batch=len(rows), seq_len=T,
                            table_width=max(len(r.block_table) for r in rows))
         score = step.kind == "prefill" and any(r.scores for r in rows)    # prompt logprobs or embeddings
         out = TM.forward(self.spec, self.params, self.k_cache, self.v_cache, self.config.cache.block_size,
-                         x.tokens, x.positions, x.slots, x.tables, x.lens, all_positions=score)
+                         x.tokens, x.positions, x.slots, x.tables, x.lens, all_positions=score or spec)
         self._stats.add_step(f"{step.kind}(batch={len(rows)}, seq_len={T})", step.num_tokens, x.computed_tokens)
+        if spec:
+            return self._verify(rows, out[1], x.lens)
         if not score:
             return self._sample(rows, out)                                 # logits [n, V] float32
         logits, h = out                                                    # h [n, T, D] final-normed, float32
@@ -142,6 +160,14 @@ class TorchRunner(ModelRunner):
                     res.hidden = none + I.pooled_hidden(p_rows, (h * real).sum(1).numpy(), h_last.numpy())
         return _in_order(res, order)
 
+    def _verify(self, rows, h: torch.Tensor, lens) -> StepResult:
+        """Speculative decoding: sample each row at its last num_draft + 1 positions of h [n, T, D] (the head run
+        on those positions only), each as the plain decode row of that output index (backends/verify)."""
+        b, t = verify.positions(rows, lens)
+        with torch.inference_mode():
+            logits = TM.head(self.spec, self.params, h[torch.from_numpy(b), torch.from_numpy(t)].contiguous())
+        return verify.regroup(rows, self._sample(verify.expand(rows), logits))          # logits [M, V]
+
     def _prompt_logprobs(self, rows, h: torch.Tensor) -> list:
         """StepResult.prompt_logprobs from every position's hidden state h [n, T, D] (rows that did not ask get
         None; only the rows that asked are run through the head: [rows, T, V] float32 in memory)."""
@@ -175,4 +201,13 @@ def _in_order(res: StepResult, order: list[int]) -> StepResult:
     inv = sorted(range(len(order)), key=order.__getitem__)
     pick = lambda xs: None if xs is None else [xs[j] for j in inv]
     return StepResult(pick(res.tokens), pick(res.logprobs), pick(res.top), pick(res.prompt_logprobs),
-                      pick(res.hidden))
+                      pick(res.hidden), pick(res.spec_tokens))
+
+
+def _concat(parts: list[StepResult], sizes: list[int]) -> StepResult:
+    """The StepResults of consecutive groups of rows (`sizes` rows each) as one, row after row."""
+    def join(name):
+        if all(getattr(p, name) is None for p in parts):
+            return None
+        return [x for p, n in zip(parts, sizes) for x in (getattr(p, name) or [None] * n)]
+    return StepResult(*(join(f.name) for f in dataclasses.fields(StepResult)))
