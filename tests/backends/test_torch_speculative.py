@@ -45,6 +45,25 @@ def test_greedy_with_speculation_matches_transformers(tiny_llama):
     assert llm.engine.num_steps < 2 * 40      # fewer steps than one token per step per row
 
 
+def test_verify_rows_beside_prefill_chunks_match_transformers(tiny_llama):
+    """Speculating rows in the same (mixed) steps as a long prompt's chunks: still transformers' greedy tokens."""
+    folder, hf = tiny_llama
+    llm = LLM(model=str(folder), backend="torch", dtype="float32", max_model_len=160, kv_cache_gib=0.01,
+              max_num_seqs=4, max_num_batched_tokens=16, long_prefill_token_threshold=16,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                  "prompt_lookup_min": 1}, **LAZY)
+    kinds = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda step: kinds.append((step.kind, any(r.num_draft for r in step.rows))) \
+        or execute(step)
+    prompts = [[5, 17, 33, 81] * 2, [9, 4, 9, 4, 9], list(range(100, 228))]   # the third: chunks in ~12 steps
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts, sp)
+    assert ("mixed", True) in kinds, kinds
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 24), len(p)
+
+
 def _chi2(counts: np.ndarray, probs: np.ndarray) -> float:
     expected = counts.sum() * probs
     keep = expected > 0

@@ -8,6 +8,7 @@ falls back to its torch-ops path (slower, same results), with a warning.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant.cpp"
 PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"
 HEAD_DIMS = (16, 24, 32, 64, 128)   # the head_dim and block_size instances csrc/ builds
 BLOCK_SIZES = (16,)
-STALE_LOCK_S = 300                      # a build takes ~25 s; an older lock is an interrupted one
+STALE_LOCK_S = 300                      # a build takes ~1 min; an older lock is an interrupted one
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]   # no infinities in the kernel
 QUANT_CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # IEEE rounding: the activation codes are reproducible
 
@@ -40,10 +41,14 @@ def decode_kernel(head_dim: int, block_size: int):
 @functools.cache
 def load():
     """The built extension module (`decode_attention`, `add_rms_norm`), or None where it cannot be built. The
-    prefill-attention module is built (or loaded) here too: the runner calls this once at start, and a serving
-    step never builds."""
-    load_prefill()
-    return _build("kiln_cpu_kernels", SOURCE, CFLAGS)
+    prefill-attention and GGUF-block modules are built (or loaded) here too, each in its own compiler process at
+    the same time: the runner calls this once at start, and a serving step never builds."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:    # the compilers run as subprocesses: in parallel
+        others = [pool.submit(load_prefill), pool.submit(load_quant)]
+        mod = _build("kiln_cpu_kernels", SOURCE, CFLAGS)
+        for f in others:
+            f.result()
+    return mod
 
 
 def prefill_kernel(block_size: int):
@@ -78,7 +83,7 @@ def _build(name: str, source: Path, cflags: list[str]):
         log.warning("removing a stale kernel-build lock (%s) left by an interrupted build", lock)
         lock.unlink(missing_ok=True)
     if not (build / f"{name}.so").exists():
-        log.info("building kiln's CPU kernels %s for this machine (once, ~25 s) into %s", source.name, build)
+        log.info("building kiln's CPU kernels %s for this machine (once, ~1 min) into %s", source.name, build)
     for src in [*headers, source]:           # compiled from a copy: the build then names no checkout's path, so
         copy = build / src.name              # checkouts of one source share it
         if not copy.exists() or copy.read_bytes() != src.read_bytes():
