@@ -165,7 +165,7 @@ class ModelConfig:
     backend: str = "auto"                # auto | jax | torch (backends/platform.resolve_backend)
     quantization: str = "auto"           # auto: torch keeps GGUF legacy-quant blocks exactly (small steps),
     #                                        int8 activations in bfloat16, float32 ones in float32 | exact: float32
-    #                                        activations | blocks: auto without the dense copies | none
+    #                                        activations | blocks: no dense copies, int8 activations | none
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

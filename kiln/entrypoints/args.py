@@ -30,7 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the torch backend keeps GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights as their exact "
                         "blocks (where they are recovered bit-exactly) for steps of few tokens, the activations "
                         "rounded to int8 per block of 32 in bfloat16 (llama.cpp's method), float32 in --dtype float32; "
-                        "exact: float32 activations in either dtype (slower); blocks: as auto with no dense copy beside the blocks "
+                        "exact: float32 activations in either dtype (slower); blocks: int8 activations in either dtype and no "
+                        "dense copy beside the blocks "
                         "(they serve every step size: far less memory, slower prefill); none: dense weights "
                         "only (default: auto)")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request "

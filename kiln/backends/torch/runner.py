@@ -57,7 +57,7 @@ class TorchRunner(ModelRunner):
         dtype = DTYPES[config.dtype]
         q = config.model.quantization
         int4 = q in ("auto", "exact", "blocks")    # exact quantised copies (weights.load_weights decides)
-        int8_act = q != "exact" and dtype == torch.bfloat16   # float32 keeps float32's numerics
+        int8_act = q == "blocks" or (q == "auto" and dtype == torch.bfloat16)   # auto float32: float32's numerics
         self._setup(spec, config, load_weights(spec, tensors, dtype, int4, config.scheduler.max_model_len,
                                                int8_act=int8_act, dense=q != "blocks"))
 
