@@ -9,7 +9,7 @@ block * block_size + offset, as the block manager hands them out. Every step, pr
 same computation: write the new tokens' K/V to their slots, attend causally from each new token's position over
 its row's context (decode: csrc/kernels.cpp; prefill: `_prefill_attention`, csrc/prefill_attention.cpp, or
 gathered blocks and torch ops where it is not built). Rows whose first slot is 0 (the null block) are bucket
-padding and are not computed. A mixed step (`forward_mixed`) runs decode rows and prefill chunks in one forward:
+padding and are not computed. A mixed step (mixed.py `forward_mixed`) runs decode rows and prefill chunks in one forward:
 linear layers over their real tokens concatenated, attention split by row kind.
 
 In bfloat16 the matmul inputs and the weights are bf16 but the residual stream is float32: hidden values of the
@@ -86,31 +86,6 @@ class _Step:
     sin_t: list[torch.Tensor] | None = None
 
 
-@dataclasses.dataclass
-class _Mixed:
-    """A mixed step: rows [0, n_dec) of the flat token batch are decodes (q_len 1, attention by `dec`), the next
-    n_pre the prefill rows' real tokens, laid out in `pre`'s padded [Bp, Tp] at flat positions `index`."""
-    dec: _Step
-    pre: _Step
-    n_dec: int
-    index: torch.Tensor                    # [n_pre] positions in [Bp * Tp] of the prefill rows' real tokens
-    H: int
-    KVH: int
-    Dh: int
-
-
-def _attend_mixed(st: _Mixed, ls: LayerSpec, lw: Layer, qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-    """qkv [N, C] (decode rows, prefill tokens, then alignment rows) -> [N, H*Dh] (alignment rows: 0)."""
-    d, n_pre, pre = st.n_dec, st.index.shape[0], st.pre
-    out = qkv.new_zeros(qkv.shape[0], st.H * st.Dh)
-    out[:d] = _attend(st.dec, ls, lw, qkv[:d], kc, vc, scale)
-    padded = qkv.new_zeros(pre.B * pre.T, qkv.shape[1])                          # [Bp*Tp, C]
-    padded[st.index] = qkv[d:d + n_pre]
-    out[d:d + n_pre] = _prefill_rows(pre, ls, lw, padded, kc, vc, scale)[st.index]
-    return out
-
-
 def _qk_norm(qkv: torch.Tensor, lw: Layer, H: int, KVH: int, Dh: int, eps: float) -> torch.Tensor:
     """qkv [N, (H+2KVH)*Dh] with the q and k heads RMS-normed over head_dim (Qwen3, Gemma 3)."""
     N = qkv.shape[0]
@@ -122,10 +97,10 @@ def _qk_norm(qkv: torch.Tensor, lw: Layer, H: int, KVH: int, Dh: int, eps: float
 def _attend(st, ls: LayerSpec, lw: Layer, qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
             scale: float) -> torch.Tensor:
     """RoPE, the new tokens' K/V written to their slots, attention over each row's context (the layer's
-    window of it, for a sliding layer): qkv [N, (H+2KVH)*Dh] -> [N, H*Dh]. A mixed step (`_Mixed`) runs its
+    window of it, for a sliding layer): qkv [N, (H+2KVH)*Dh] -> [N, H*Dh]. A mixed step (mixed.py) runs its
     decode rows through the decode kernel and its prefill rows through `_prefill_rows`."""
-    if isinstance(st, _Mixed):
-        return _attend_mixed(st, ls, lw, qkv, kc, vc, scale)
+    if not isinstance(st, _Step):                      # a mixed step (torch/mixed.py) splits it by row kind
+        return st.attend(ls, lw, qkv, kc, vc, scale)
     if st.kernel is not None:
         at = ls.attention
         return st.kernel.decode_attention(qkv.contiguous(), st.cos[lw.rope], st.sin[lw.rope], kc, vc, st.tables,
@@ -278,47 +253,6 @@ def forward(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.T
     x = x.view(B, T, D)[torch.arange(B), lens - 1].contiguous()                   # [n, D] last real token
     x = _add_norm(kern, x, None, w.norm, eps, torch.float32)                      # [n, D] float32
     return head(spec, w, x)
-
-
-@torch.inference_mode()
-def forward_mixed(spec: ModelSpec, w: Weights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
-                  dec, pre, align: int = 1, all_positions: bool = False):
-    """One mixed step in one forward: `dec` the decode rows' arrays ([Bd, 1]; backends/inputs.StepInputs) and
-    `pre` the prefill rows' ([Bp, Tp], lens real). The linear layers run over the real tokens only, concatenated
-    [N, D] (decodes, then each prefill row's tokens; N rounded up to `align` with rows nothing reads); attention
-    is split by row kind (`_attend_mixed`). Returns logits [Bd + Bp, V] float32 (decode rows, then each prefill
-    row's last real token); with all_positions, (those logits, the prefill rows' final-normed hidden states
-    [Bp, Tp, D] float32)."""
-    Bd, (Bp, Tp) = dec.tokens.shape[0], pre.tokens.shape
-    real = np.arange(Tp)[None, :] < pre.lens[:, None]                            # [Bp, Tp]
-    index = np.flatnonzero(real)                                                  # [n_pre]
-    n = Bd + index.size
-    pad = -n % align
-    tok = torch.from_numpy(np.concatenate([dec.tokens[:, 0], pre.tokens.reshape(-1)[index],
-                                           np.zeros(pad, np.int32)])).long()      # [N]
-    parts = []
-    for x_ in (dec, pre):
-        pos = torch.from_numpy(x_.positions).long()
-        parts.append(_step(spec, w, block_size, pos, torch.from_numpy(x_.lens).long(), x_.slots, x_.tables,
-                           x_.positions, x_.lens))
-    st = _Mixed(parts[0], parts[1], Bd, torch.from_numpy(index).long(), spec.num_heads, spec.num_kv_heads,
-                spec.head_dim)
-    dt, D = w.embed.dtype, w.embed.shape[1]
-    eps, kern = spec.norm.eps, kernels.load()
-    x = w.embed[tok].float()                                                      # [N, D] float32 residual
-    if spec.embed_scale is not None:
-        x *= spec.embed_scale
-    delta = None
-    for ls, lw, kc, vc in zip(spec.layers, w.layers, k_cache, v_cache):
-        delta = decoder_layer(ls, lw, st, x, delta, kc, vc, kern, spec, dt)
-    x += delta
-    last = torch.from_numpy(np.concatenate([np.arange(Bd), Bd + np.cumsum(pre.lens) - 1])).long()  # [Bd + Bp]
-    if all_positions:
-        h = _add_norm(kern, x, None, w.norm, eps, torch.float32)                  # [N, D] float32
-        h_pre = h.new_zeros(Bp * Tp, D)
-        h_pre[st.index] = h[Bd:n]
-        return head(spec, w, h[last].contiguous()), h_pre.view(Bp, Tp, D)
-    return head(spec, w, _add_norm(kern, x[last].contiguous(), None, w.norm, eps, torch.float32))
 
 
 def head(spec: ModelSpec, w: Weights, x: torch.Tensor) -> torch.Tensor:

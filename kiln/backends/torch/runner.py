@@ -3,7 +3,7 @@ on oneDNN/ATen CPU kernels and kiln's C++ kernels, and tokens sampled in torch (
 
     SchedulerOutput ──> backends/inputs.prepare_step over the real rows only (prefill rows padded to the
                         longest row of the step, decode rows one token each) ──> numpy arrays
-                        (a mixed step: TM.forward_mixed, its decode rows and prefill chunks in one forward)
+                        (a mixed step: mixed.forward_mixed, its decode rows and prefill chunks in one forward)
                     ──> TM.forward (K/V written into the cache in place) ──> logits [n, V] float32
                         (a prefill with prompt-logprob or embedding rows: also every position's final-normed
                         hidden state ──> prompt logprobs through the head, pooled sums for StepResult.hidden)
@@ -23,7 +23,7 @@ import torch
 from kiln.backends import inputs as I
 from kiln.backends import verify
 from kiln.backends.base import ModelRunner, RunnerStats, StepResult
-from kiln.backends.torch import kernels, sampler
+from kiln.backends.torch import kernels, mixed, sampler
 from kiln.backends.torch import model as TM
 from kiln.backends.torch.weights import Weights, load_weights
 from kiln.compile.warmup import WarmupReport
@@ -127,7 +127,7 @@ class TorchRunner(ModelRunner):
         return res
 
     def _execute_mixed(self, step: SchedulerOutput) -> StepResult:
-        """Decode rows (one token, not scoring) and prefill chunks in one forward (TM.forward_mixed), sampled in
+        """Decode rows (one token, not scoring) and prefill chunks in one forward (mixed.forward_mixed), sampled in
         one call; the rows may come in any order (a fault-isolation half may hold only one kind)."""
         dec = [i for i, r in enumerate(step.rows) if len(r.token_ids) == 1 and not r.scores]
         pre = [i for i, r in enumerate(step.rows) if i not in set(dec)]
@@ -143,7 +143,7 @@ class TorchRunner(ModelRunner):
         xp = I.prepare_step(p_rows, block_size=bs, batch=len(p_rows), seq_len=T,
                             table_width=max(len(r.block_table) for r in p_rows))
         score = any(r.scores for r in p_rows)
-        out = TM.forward_mixed(self.spec, self.params, self.k_cache, self.v_cache, bs, xd, xp,
+        out = mixed.forward_mixed(self.spec, self.params, self.k_cache, self.v_cache, bs, xd, xp,
                                align=PREFILL_ALIGN, all_positions=score)
         self._stats.add_step(f"mixed(decode={len(d_rows)}, prefill={len(p_rows)}, seq_len={T})", step.num_tokens,
                              _round_up(step.num_tokens, PREFILL_ALIGN))
