@@ -85,10 +85,13 @@ def test_two_all_reduces_per_layer(report):
 
 def test_split_kv_heads_need_no_other_collective(report):
     # KV heads split (gqa TP=2, the default model TP=3): regrouped fused weights, every slice local; the only
-    # collectives are all-reduces (two in the layer body, one for the vocab-parallel embedding lookup)
+    # collectives are all-reduces (two in the layer body, one for the vocab-parallel embedding lookup) and, once
+    # a step outside the layers, the all-gather of the vocab-sharded logits the fused greedy sampler reads
     for model, tp in (("gqa", "2"), ("default", "3")):
         hlo = report[model][tp]["hlo"]
-        assert hlo["in_layer_scan"] == {"all-reduce": 2} and set(hlo["total"]) == {"all-reduce"}, (model, hlo)
+        assert hlo["in_layer_scan"] == {"all-reduce": 2}, (model, hlo)
+        assert set(hlo["total"]) <= {"all-reduce", "all-gather"} and hlo["total"].get("all-gather", 0) <= 1, \
+            (model, hlo)
 
 
 def test_each_device_holds_the_planned_kv_bytes(report):

@@ -49,7 +49,11 @@ def _row(i, tokens, start):
 
 def _logits(r, key, x, args):
     _, exe = r._graph_for(key.kind, key.batch, key.size)
-    r.k_cache, r.v_cache, logits = exe(r.params, r.k_cache, r.v_cache, *r.placement.inputs(args))
+    if r.fused_greedy:                     # the step graph also takes want_top and returns its greedy sample
+        r.k_cache, r.v_cache, logits, _ = exe(r.params, r.k_cache, r.v_cache,
+                                              *r.placement.inputs((*args, np.bool_(False))))
+    else:
+        r.k_cache, r.v_cache, logits = exe(r.params, r.k_cache, r.v_cache, *r.placement.inputs(args))
     return np.asarray(logits)
 
 

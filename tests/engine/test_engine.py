@@ -322,20 +322,22 @@ def test_abort_mid_way_frees_blocks(llm, prompts):
 
 
 # -- static shapes -----------------------------------------------------------------------------------------
-def _keys_for(config, out, compiled_kinds) -> set[GraphKey]:
+def _keys_for(config, out, compiled_kinds, fused_greedy) -> set[GraphKey]:
     """The model bucket the plan picks for one step and the sampler graph of that batch size (a lazily
-    compiling runner compiles exactly these). A mixed step runs as its decode rows' step, then its prefill's."""
+    compiling runner compiles exactly these); with `fused_greedy` a plain-greedy step samples inside the model's
+    graph and uses no sampler graph. A mixed step runs as its decode rows' step, then its prefill's."""
     if out.kind == "mixed":
         dec = [r for r in out.rows if len(r.token_ids) == 1 and not r.scores]
         pre = [r for r in out.rows if r not in dec]
-        return set().union(*(_keys_for(config, dataclasses.replace(out, kind=k, rows=rows), compiled_kinds)
-                             for k, rows in (("decode", dec), ("prefill", pre)) if rows))
+        return set().union(*(_keys_for(config, dataclasses.replace(out, kind=k, rows=rows), compiled_kinds,
+                                       fused_greedy) for k, rows in (("decode", dec), ("prefill", pre)) if rows))
     plan = config.buckets
     if out.kind == "prefill":
         b, s = plan.prefill_bucket(len(out.rows), max(len(r.token_ids) for r in out.rows))
     else:
         b, s = plan.decode_bucket(len(out.rows), max(len(r.block_table) for r in out.rows))
-    keys = {GraphKey(out.kind, b, s), GraphKey("sample", b, 0 if all(is_plain_greedy(r) for r in out.rows) else 1)}
+    greedy = all(is_plain_greedy(r) for r in out.rows)
+    keys = {GraphKey(out.kind, b, s)} | (set() if greedy and fused_greedy else {GraphKey("sample", b, 0 if greedy else 1)})
     return {k for k in keys if k.kind in compiled_kinds}
 
 
@@ -360,7 +362,7 @@ def test_compiles_are_exactly_the_planned_buckets_used(llm, chunked_llm, tiny_kv
         samplers = {(b, g) for b in cfg.buckets.prompt_bs + cfg.buckets.decode_bs for g in (0, 1)}
         for k in keys:
             assert (k.batch, k.size) in {"prefill": prefill_ok, "decode": decode_ok, "sample": samplers}[k.kind], k
-        used = set().union(*(_keys_for(cfg, o, runner.compiled_kinds) for o in v.history))
+        used = set().union(*(_keys_for(cfg, o, runner.compiled_kinds, runner.fused_greedy) for o in v.history))
         assert set(keys) == used                        # one compile per distinct bucket used, nothing else
         assert st.compiles == len(keys)
 
