@@ -202,14 +202,15 @@ class LLMEngine:
                     if row.num_draft:
                         self._append_verified(sample, row, res)
                     else:
-                        self._append(sample, row, res)
+                        self._append_token(sample, res.token, res.logprob, res.top)
                     changed[parent.request_id] = parent
             except EngineDeadError:
                 raise
             except Exception as e:  # noqa: BLE001 - a fault of this request only
                 failed[parent.request_id] = e
         if self.config.speculative.enabled:
-            self._propose(sched.rows)
+            speculative.propose(self.scheduler.requests, sched.rows, self.config.speculative,
+                                self.config.scheduler.max_model_len)
         outputs = self._outputs(changed, failed)
         if failed:
             self._fail_requests(failed)
@@ -267,9 +268,6 @@ class LLMEngine:
         self._dead.__cause__ = cause
         raise self._dead
 
-    def _append(self, s: _Sample, row: ScheduledRow, sampled: RowResult) -> None:
-        self._append_token(s, sampled.token, sampled.logprob, sampled.top)
-
     def _append_verified(self, s: _Sample, row: ScheduledRow, sampled: RowResult) -> None:
         """A verify row (engine/speculative): its accepted drafts and the token after them, one by one through
         the detokenizer and the stop checks; a stop ends the request there, the tokens after it are dropped."""
@@ -280,14 +278,6 @@ class LLMEngine:
             self._append_token(s, token, 0.0, None)         # (no logprobs: such requests do not draft)
             if s.output.finished:
                 break
-
-    def _propose(self, rows: list[ScheduledRow]) -> None:
-        """Speculative decoding: every request that just sampled gets its drafts for its next decode step."""
-        for row in rows:
-            req = self.scheduler.requests.get(row.request_id)
-            if row.sample and req is not None and not req.is_finished:
-                req.draft_token_ids = speculative.drafts(req, self.config.speculative,
-                                                         self.config.scheduler.max_model_len)
 
     def _append_token(self, s: _Sample, token: int, logprob: float, top: list | None) -> None:
         req, params, out = s.request, s.request.sampling_params, s.output

@@ -1,6 +1,6 @@
 """Speculative decoding, engine side: which requests draft, how many drafts fit, and which drafts are accepted.
 
-    after a step, per request that sampled ─> drafts(...) (engine/ngram.propose, trimmed) ─> Request.draft_token_ids
+    after a step, per request that sampled (propose) ─> drafts(...) (engine/ngram.propose, trimmed) ─> Request.draft_token_ids
     scheduler decode row ─> with_drafts(row, drafts): token_ids = [last token] + drafts, num_draft = len(drafts)
     runner ─> StepResult.spec_tokens[i]: the row's token sampled at each of its num_draft + 1 last positions
     engine ─> accepted(drafts, sampled) ─> the tokens to append, each through the detokenizer and stop checks
@@ -72,6 +72,15 @@ def drafts(req: Request, spec: SpeculativeConfig, max_model_len: int) -> list[in
     if k < 1:
         return []
     return ngram.propose(req.all_token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+
+
+def propose(requests: Mapping[str, Request], rows: Sequence[ScheduledRow], spec: SpeculativeConfig,
+            max_model_len: int) -> None:
+    """After a step: every request that just sampled gets its drafts for its next decode step."""
+    for row in rows:
+        req = requests.get(row.request_id)
+        if row.sample and req is not None and not req.is_finished:
+            req.draft_token_ids = drafts(req, spec, max_model_len)
 
 
 def with_drafts(row: ScheduledRow, draft_ids: Sequence[int]) -> ScheduledRow:
