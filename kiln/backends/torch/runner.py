@@ -94,7 +94,7 @@ class TorchRunner(ModelRunner):
             return self._execute_mixed(step)
         # verify rows (speculative decoding) beside prefill chunks: the verify rows as a decode step of their
         # own, then the rest as a mixed step
-        rest = [i for i in range(len(step.rows)) if i not in set(drafts)]
+        rest = sorted(set(range(len(step.rows))) - set(drafts))
         sub = lambda idx, kind: dataclasses.replace(step, kind=kind, rows=[step.rows[i] for i in idx])
         parts = [self._execute_one_kind(sub(drafts, "decode"))] + ([self._execute_mixed(sub(rest, "mixed"))]
                                                                   if rest else [])
@@ -117,20 +117,29 @@ class TorchRunner(ModelRunner):
             return self._sample(rows, out)                                 # logits [n, V] float32
         logits, h = out                                                    # h [n, T, D] final-normed, float32
         res = self._sample(rows, logits)
+        res.prompt_logprobs, res.hidden = self._scores(rows, h, x.lens)
+        return res
+
+    def _scores(self, rows, h: torch.Tensor, lens) -> tuple[list | None, list | None]:
+        """(StepResult.prompt_logprobs, StepResult.hidden) of prefill rows from every position's final-normed
+        hidden state h [n, T, D] float32, lens [n] their real tokens; None where no row asked."""
+        plp = hidden = None
         with torch.inference_mode():
             if any(r.sampling_params.prompt_logprobs is not None for r in rows):
-                res.prompt_logprobs = self._prompt_logprobs(rows, h)
+                plp = self._prompt_logprobs(rows, h)
             if any(r.pooling is not None for r in rows):                   # embeddings: pooled sums
-                real = (torch.arange(T)[None, :] < torch.from_numpy(x.lens)[:, None])[..., None]   # [n, T, 1]
-                h_last = h[torch.arange(len(rows)), torch.from_numpy(x.lens).long() - 1]            # [n, D]
-                res.hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
-        return res
+                n, T = h.shape[:2]
+                lens = torch.from_numpy(lens).long()
+                real = (torch.arange(T)[None, :] < lens[:, None])[..., None]                  # [n, T, 1]
+                h_last = h[torch.arange(n), lens - 1]                                         # [n, D]
+                hidden = I.pooled_hidden(rows, (h * real).sum(1).numpy(), h_last.numpy())
+        return plp, hidden
 
     def _execute_mixed(self, step: SchedulerOutput) -> StepResult:
         """Decode rows (one token, not scoring) and prefill chunks in one forward (mixed.forward_mixed), sampled in
         one call; the rows may come in any order (a fault-isolation half may hold only one kind)."""
         dec = [i for i, r in enumerate(step.rows) if len(r.token_ids) == 1 and not r.scores]
-        pre = [i for i, r in enumerate(step.rows) if i not in set(dec)]
+        pre = sorted(set(range(len(step.rows))) - set(dec))
         if not dec or not pre:
             return self._execute_one_kind(dataclasses.replace(step, kind="prefill" if pre else "decode"))
         order = dec + pre
@@ -144,20 +153,14 @@ class TorchRunner(ModelRunner):
                             table_width=max(len(r.block_table) for r in p_rows))
         score = any(r.scores for r in p_rows)
         out = mixed.forward_mixed(self.spec, self.params, self.k_cache, self.v_cache, bs, xd, xp,
-                               align=PREFILL_ALIGN, all_positions=score)
+                                  align=PREFILL_ALIGN, all_positions=score)
         self._stats.add_step(f"mixed(decode={len(d_rows)}, prefill={len(p_rows)}, seq_len={T})", step.num_tokens,
                              _round_up(step.num_tokens, PREFILL_ALIGN))
         res = self._sample(rows, out[0] if score else out)
-        if score:
-            h, none = out[1], [None] * len(d_rows)
-            with torch.inference_mode():
-                if any(r.sampling_params.prompt_logprobs is not None for r in p_rows):
-                    res.prompt_logprobs = none + self._prompt_logprobs(p_rows, h)
-                if any(r.pooling is not None for r in p_rows):
-                    lens = torch.from_numpy(xp.lens).long()
-                    real = (torch.arange(T)[None, :] < lens[:, None])[..., None]                # [Bp, T, 1]
-                    h_last = h[torch.arange(len(p_rows)), lens - 1]                             # [Bp, D]
-                    res.hidden = none + I.pooled_hidden(p_rows, (h * real).sum(1).numpy(), h_last.numpy())
+        if score:                                                          # the decode rows score nothing
+            none = [None] * len(d_rows)
+            plp, hidden = self._scores(p_rows, out[1], xp.lens)
+            res.prompt_logprobs, res.hidden = (None if v is None else none + v for v in (plp, hidden))
         return _in_order(res, order)
 
     def _verify(self, rows, h: torch.Tensor, lens) -> StepResult:
